@@ -1,0 +1,205 @@
+"""The ``vitlab`` command: parse arguments, call one function, print the human summary last.
+
+Bad input (a UserError anywhere below) is printed as one line and exits with code 2, no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from vitlab.errors import UserError
+
+log = logging.getLogger("vitlab")
+
+
+def _size(text: str) -> tuple[int, int]:
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}': expected WIDTHxHEIGHT, e.g. 500x375") from None
+    return w, h
+
+
+def write_json(path: str | None, payload: dict[str, Any]) -> None:
+    """Write ``payload`` to ``path`` atomically (temp file, then rename)."""
+    if not path:
+        return
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp")
+    tmp.write_text(json.dumps(payload, indent=2, default=str))
+    os.replace(tmp, target)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Subcommands
+
+
+def cmd_data_prepare(args: argparse.Namespace) -> None:
+    from vitlab.data.prepare import EncodeOptions, prepare, summary_line
+
+    manifest = prepare(
+        args.source,
+        args.out,
+        fmt=args.format,
+        val_fraction=args.val_fraction,
+        opts=EncodeOptions(max_side=args.max_side, quality=args.quality),
+        shard_rows=args.shard_rows,
+        overwrite=args.overwrite,
+        seed=args.seed,
+    )
+    print(summary_line(args.out, manifest))
+
+
+def cmd_data_synth(args: argparse.Namespace) -> None:
+    from vitlab.data.synth import synth_tree
+
+    counts = synth_tree(args.out, args.classes, args.per_class, args.size, args.quality, args.val_per_class,
+                        args.seed)
+    print(f"wrote {counts['train']} train and {counts['val']} val JPEGs ({args.classes} classes, "
+          f"{args.size[0]}x{args.size[1]}, q{args.quality}) to {args.out}")
+
+
+def cmd_bench_data(args: argparse.Namespace) -> None:
+    from vitlab.bench.data import bench_data, format_report
+
+    report = bench_data(args.source, image_size=args.image_size, batch_size=args.batch_size,
+                        max_side=args.max_side, quality=args.quality, seconds=args.seconds,
+                        workers=args.workers)
+    write_json(args.output_json, report)
+    print(format_report(report))
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from vitlab.config import load_job
+    from vitlab.train.trainer import TrainingError, summary, train
+
+    cfg = load_job(args.job, args.overrides)
+    try:
+        outcome = train(cfg, resume_from=args.resume_from)
+    except TrainingError as e:
+        print(f"vitlab: training failed: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
+    write_json(args.output_json, outcome.to_json())
+    print(summary(outcome))
+
+
+def cmd_ui(args: argparse.Namespace) -> None:
+    from vitlab.config import load_job
+    from vitlab.tracking import default_artifact_location, resolve_tracking_uri
+
+    cfg = load_job(args.job, args.overrides) if args.job else None
+    uri = resolve_tracking_uri(args.tracking_uri or (cfg.tracking.uri if cfg else None))
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host,
+           "--port", str(args.port)]
+    artifacts = default_artifact_location(uri)
+    if artifacts:
+        cmd += ["--default-artifact-root", artifacts]
+    print(f"MLflow UI for {uri}: http://{args.host}:{args.port}  (Ctrl-C to stop)", flush=True)
+    os.execv(sys.executable, cmd)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vitlab", description="Train vision transformers at scale on Ray.")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    data = sub.add_parser("data", help="prepare datasets").add_subparsers(dest="data_command", required=True)
+    prep = data.add_parser("prepare", help="raw images -> Parquet shards + manifest (a Ray Data job)")
+    prep.add_argument("source", help="dataset folder, or 'digits' (scikit-learn's digits, built in)")
+    prep.add_argument("--out", required=True, help="output directory (or s3:// URI)")
+    prep.add_argument("--format", choices=["digits", "imagenet", "folders", "tiny_imagenet", "cifar100"],
+                      help="source layout (default: detected)")
+    prep.add_argument("--val-fraction", type=float, default=0.1,
+                      help="share of each class held out as val when the source has no val split")
+    prep.add_argument("--max-side", type=int, help="re-encode images whose longer side exceeds this")
+    prep.add_argument("--quality", type=int, help="JPEG quality for re-encoded images (1-100)")
+    prep.add_argument("--shard-rows", type=int, help="rows per Parquet shard (default: 1024, fewer for "
+                      "small datasets)")
+    prep.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    prep.add_argument("--seed", type=int, default=0, help="seed for the val split and shard shuffling")
+    prep.set_defaults(func=cmd_data_prepare)
+
+    synth = data.add_parser("synth", help="an ImageNet-like class-folder tree of synthetic JPEGs")
+    synth.add_argument("--out", required=True)
+    synth.add_argument("--classes", type=int, required=True)
+    synth.add_argument("--per-class", type=int, required=True, help="train images per class")
+    synth.add_argument("--val-per-class", type=int, help="val images per class (default: per-class / 5)")
+    synth.add_argument("--size", type=_size, default=(500, 375), help="WIDTHxHEIGHT (default 500x375)")
+    synth.add_argument("--quality", type=int, default=90)
+    synth.add_argument("--seed", type=int, default=0)
+    synth.set_defaults(func=cmd_data_synth)
+
+    tr = sub.add_parser("train", help="train a job on Ray Train (RAY_ADDRESS or a local Ray)")
+    tr.add_argument("job", help="jobs/*.yaml")
+    tr.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. optim.lr=3e-4")
+    tr.add_argument("--resume-from", help="start from this checkpoint directory")
+    tr.add_argument("--output-json", help="write the outcome (accuracy, run id, paths) here")
+    tr.set_defaults(func=cmd_train)
+
+    ui = sub.add_parser("ui", help="start the MLflow UI for the configured store, on 127.0.0.1")
+    ui.add_argument("job", nargs="?", help="a job file whose tracking.uri to use (default: "
+                    "$MLFLOW_TRACKING_URI or ./mlflow.db)")
+    ui.add_argument("overrides", nargs="*")
+    ui.add_argument("--tracking-uri")
+    ui.add_argument("--host", default="127.0.0.1")
+    ui.add_argument("--port", type=int, default=5000)
+    ui.set_defaults(func=cmd_ui)
+
+    bench = sub.add_parser("bench", help="side-by-side benchmarks").add_subparsers(dest="bench_command",
+                                                                                  required=True)
+    bd = bench.add_parser("data", help="Ray Data pipeline vs the seed's torch DataLoader over ImageFolder")
+    bd.add_argument("source", help="a class-folder tree (train/<class>/*.JPEG), e.g. from 'vitlab data synth'")
+    bd.add_argument("--image-size", type=int, default=224)
+    bd.add_argument("--batch-size", type=int, default=128)
+    bd.add_argument("--max-side", type=int, default=256, help="prepare's re-encode size (README's ImageNet setting)")
+    bd.add_argument("--quality", type=int, default=90)
+    bd.add_argument("--seconds", type=float, default=30.0, help="measuring time per side")
+    bd.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="DataLoader worker processes")
+    bd.add_argument("--output-json")
+    bd.set_defaults(func=cmd_bench_data)
+    return p
+
+
+def _validate_common(args: argparse.Namespace) -> None:
+    q = getattr(args, "quality", None)
+    if q is not None and not 1 <= q <= 100:
+        raise UserError(f"--quality {q}: expected 1-100")
+    m = getattr(args, "max_side", None)
+    if m is not None and m < 8:
+        raise UserError(f"--max-side {m}: expected at least 8 pixels")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    func: Callable[[argparse.Namespace], Any] = args.func
+    try:
+        _validate_common(args)
+        func(args)
+    except UserError as e:
+        print(f"vitlab: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("vitlab: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

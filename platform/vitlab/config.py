@@ -1,0 +1,290 @@
+"""JobConfig: the one typed config that flows from the CLI to every component.
+
+A job is a YAML file (``jobs/*.yaml``) plus dotted ``key=value`` overrides (``optim.lr=3e-4``). Both are
+checked here, once, before Ray starts: unknown keys get close matches, bad values name the dotted key.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from vitlab.errors import ConfigError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class Section(BaseModel):
+    """Base for every config section: unknown keys are errors, values are validated on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(Section):
+    path: str = "data/digits"
+    image_size: int = Field(224, ge=8)
+    # Val: resize the shorter side to image_size / crop_pct, then center-crop (timm/DeiT: 0.875).
+    crop_pct: float = Field(0.875, gt=0.0, le=1.0)
+    # Train: RandomResizedCrop(image_size, scale, ratio) + horizontal flip.
+    scale: tuple[float, float] = (0.08, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    hflip: float = Field(0.5, ge=0.0, le=1.0)
+    randaugment: str | None = None  # timm string, e.g. "rand-m9-mstd0.5-inc1"
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    # Rows of a shuffle buffer applied when batches are taken from the stream (0 = off; costs throughput).
+    shuffle_buffer: int = Field(0, ge=0)
+    prefetch_batches: int = Field(4, ge=0)
+    # Rows per block handed from the decode tasks to the consumer.
+    block_rows: int = Field(256, ge=1)
+    # CPUs each decode task reserves; on small machines below 1 so decode fits beside the Train workers.
+    decode_cpus: float = Field(1.0, gt=0.0)
+    # Keep the stream order identical between runs (a little slower); augmentation is seeded either way.
+    deterministic: bool = False
+
+    @field_validator("scale", "ratio")
+    @classmethod
+    def _ordered(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not 0 < v[0] <= v[1]:
+            raise ValueError(f"expected 0 < low <= high, got {list(v)}")
+        return v
+
+
+class ModelConfig(Section):
+    name: str = "vit_tiny_patch16_224"
+    # Passed to timm.create_model as is (img_size, patch_size, embed_dim, depth, num_heads, ...).
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+
+class OptimConfig(Section):
+    name: Literal["adamw", "lamb"] = "adamw"
+    lr: float = Field(5e-4, gt=0.0)
+    # Multiply lr by global batch / 512 (DeiT's rule).
+    scale_lr: bool = False
+    weight_decay: float = Field(0.05, ge=0.0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-8, gt=0.0)
+    warmup_epochs: float = Field(5.0, ge=0.0)
+    warmup_lr: float = Field(1e-6, ge=0.0)
+    min_lr: float = Field(1e-5, ge=0.0)
+    label_smoothing: float = Field(0.1, ge=0.0, lt=1.0)
+    mixup: float = Field(0.0, ge=0.0)
+    cutmix: float = Field(0.0, ge=0.0)
+    mixup_prob: float = Field(1.0, ge=0.0, le=1.0)
+    mixup_switch_prob: float = Field(0.5, ge=0.0, le=1.0)
+    clip_grad: float | None = Field(None, gt=0.0)
+    accum_steps: int = Field(1, ge=1)
+
+
+class TrainConfig(Section):
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(128, ge=1)  # global, split over workers
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    channels_last: bool = False
+    compile: bool = False
+    seed: int = 0
+    log_every_steps: int = Field(50, ge=1)
+    # Batch size for evaluation, global (defaults to train.batch_size).
+    eval_batch_size: int | None = Field(None, ge=1)
+
+
+class ScalingSection(Section):
+    num_workers: int = Field(2, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0.0)
+    gpus_per_worker: float = Field(1.0, ge=0.0)
+    accelerator_type: str | None = None
+
+
+class TrackingConfig(Section):
+    uri: str | None = None  # default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working dir
+    experiment: str = "vitlab"
+    system_metrics: bool = True
+
+
+class RunSection(Section):
+    name: str | None = None  # default: derived from the job file's name
+    storage_path: str = "runs"
+    checkpoint_every: int = Field(1, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    max_failures: int = Field(0, ge=-1)
+
+
+class JobConfig(Section):
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    scaling: ScalingSection = Field(default_factory=ScalingSection)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    run: RunSection = Field(default_factory=RunSection)
+
+    @model_validator(mode="after")
+    def _batch_divides(self) -> JobConfig:
+        if self.train.batch_size % self.scaling.num_workers:
+            raise ValueError(
+                f"train.batch_size={self.train.batch_size} is the global batch and must divide evenly "
+                f"over scaling.num_workers={self.scaling.num_workers}"
+            )
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def flat(self) -> dict[str, Any]:
+        """Every value under its dotted key (``optim.lr``): MLflow params, sweep keys."""
+        return flatten(self.to_dict())
+
+    def with_overrides(self, overrides: dict[str, Any], source: str = "override") -> JobConfig:
+        """A copy with dotted keys replaced, validated like a file."""
+        raw = self.to_dict()
+        for key, value in overrides.items():
+            _set_dotted(raw, key, value, source)
+        return validate(raw, source)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Loading and validation
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _free_form(model: type[BaseModel], name: str) -> bool:
+    """Fields typed as dicts (model.kwargs) accept any key below them."""
+    return "dict" in str(model.model_fields[name].annotation)
+
+
+def known_keys(model: type[BaseModel] = JobConfig, prefix: str = "") -> list[str]:
+    """All valid dotted keys of the schema, e.g. ``optim.lr``, ``model.kwargs``."""
+    keys = []
+    for name, field in model.model_fields.items():
+        sub = field.annotation
+        if isinstance(sub, type) and issubclass(sub, BaseModel):
+            keys.extend(known_keys(sub, f"{prefix}{name}."))
+        else:
+            keys.append(f"{prefix}{name}")
+    return keys
+
+
+def check_key(key: str, source: str) -> None:
+    """Raise a ConfigError naming ``key`` and its nearest valid keys if it is not in the schema."""
+    model: type[BaseModel] = JobConfig
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        if part not in model.model_fields:
+            break
+        sub = model.model_fields[part].annotation
+        if isinstance(sub, type) and issubclass(sub, BaseModel):
+            model = sub
+            continue
+        if i == len(parts) - 1 or _free_form(model, part):
+            return
+        break
+    valid = known_keys()
+    close = difflib.get_close_matches(key, valid, n=3, cutoff=0.6)
+    hint = f"; did you mean {' or '.join(close)}?" if close else f"; valid sections: {_sections()}"
+    raise ConfigError(f"{source}: unknown key '{key}'{hint}")
+
+
+def _sections() -> str:
+    return ", ".join(JobConfig.model_fields)
+
+
+def _check_keys(raw: dict[str, Any], source: str, model: type[BaseModel] = JobConfig, prefix: str = "") -> None:
+    for k, v in raw.items():
+        key = f"{prefix}{k}"
+        if not isinstance(k, str) or k not in model.model_fields:
+            check_key(key, source)  # raises with close matches
+        sub = model.model_fields[k].annotation
+        if isinstance(sub, type) and issubclass(sub, BaseModel):
+            if not isinstance(v, dict):
+                raise ConfigError(f"{source}: '{key}' must be a mapping of {sub.__name__} keys, got {v!r}")
+            _check_keys(v, source, sub, key + ".")
+
+
+def validate(raw: dict[str, Any], source: str) -> JobConfig:
+    """Validate a raw dict into a JobConfig; every problem becomes one ConfigError line."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections ({_sections()}), got {type(raw).__name__}")
+    _check_keys(raw, source)
+    try:
+        return JobConfig.model_validate(raw)
+    except ValidationError as e:
+        err = e.errors()[0]
+        key = ".".join(str(p) for p in err["loc"] if not isinstance(p, int)) or "(job)"
+        given = err.get("input")
+        given_s = "" if isinstance(given, dict) else f", got {given!r}"
+        raise ConfigError(f"{source}: {key}: {err['msg']}{given_s}") from None
+
+
+def parse_value(text: str) -> Any:
+    """Coerce an override's text the way YAML would ('3' -> 3, 'true' -> True, '[1, 2]' -> list)."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override '{item}': expected dotted.key=value, e.g. optim.lr=3e-4")
+        out[key.strip()] = parse_value(value)
+    return out
+
+
+def _set_dotted(raw: dict[str, Any], key: str, value: Any, source: str) -> None:
+    check_key(key, source)
+    node = raw
+    *parents, last = key.split(".")
+    for p in parents:
+        if not isinstance(node.get(p), dict):
+            node[p] = {}
+        node = node[p]
+    node[last] = value
+
+
+def read_yaml(path: str | Path) -> Any:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{p}: job file not found" if not p.exists() else f"{p}: not a file")
+    try:
+        return yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark else ""
+        raise ConfigError(f"{p}: not valid YAML{where}: {getattr(e, 'problem', e)}") from None
+
+
+def load_job(path: str | Path | None, overrides: list[str] | dict[str, Any] | None = None) -> JobConfig:
+    """Read a job file (or the defaults when ``path`` is None), apply overrides, validate once."""
+    raw = read_yaml(path) if path else {}
+    source = str(path) if path else "defaults"
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections ({_sections()}), got {type(raw).__name__}")
+    over = parse_overrides(overrides) if isinstance(overrides, list) else dict(overrides or {})
+    for key, value in over.items():
+        _set_dotted(raw, key, value, f"{source} (override {key})")
+    cfg = validate(raw, source)
+    if cfg.run.name is None and path:
+        cfg.run.name = Path(path).stem
+    return cfg

@@ -1,0 +1,340 @@
+"""Sources -> Parquet shards + manifest.json, as a Ray Data job.
+
+The driver only lists the source (paths and labels) and cuts it into shards; each shard is one row of a Ray
+Data dataset, and one Ray task per shard reads its files, validates them (decodes fully, so truncated files
+are caught), converts or re-encodes where needed and writes one Parquet file (temp name, then rename). The
+tasks return only small summaries (rows, sha256, rejects), from which the driver writes the manifest last.
+
+On a local disk the whole output is built in a hidden sibling directory and renamed into place at the end,
+so an interrupted prepare never leaves a directory that looks finished. On object stores (s3://), where
+there is no rename, the manifest is written last and is the mark of a finished prepare.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import shutil
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+from PIL import Image, UnidentifiedImageError
+
+from vitlab.data.sources import SPLITS, Item, Listing, list_source
+from vitlab.errors import UserError
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+MANIFEST_VERSION = 1
+DEFAULT_QUALITY = 95  # for images that must be converted (CMYK, grayscale, PNG) when --quality is not given
+SCHEMA = pa.schema(
+    [
+        ("image", pa.binary()),
+        ("label", pa.int64()),
+        ("key", pa.string()),
+        ("height", pa.int32()),
+        ("width", pa.int32()),
+    ]
+)
+
+
+@dataclass(frozen=True)
+class EncodeOptions:
+    """How images are stored. Without max_side/quality, valid RGB JPEGs are copied byte for byte."""
+
+    max_side: int | None = None
+    quality: int | None = None
+
+    def target_quality(self) -> int:
+        return self.quality or DEFAULT_QUALITY
+
+
+class Rejected(Exception):
+    """An input file that is not kept; the message is the reason recorded in the manifest."""
+
+
+def encode_image(data: bytes, opts: EncodeOptions) -> tuple[bytes, int, int, str]:
+    """Validate image bytes and return (jpeg, height, width, action) with action 'copied', 'converted'
+    or 'reencoded'. Raises Rejected for empty, truncated, corrupt and non-image inputs."""
+    if not data:
+        raise Rejected("empty file (0 bytes)")
+    try:
+        img = Image.open(io.BytesIO(data))
+        fmt = img.format
+        img.load()  # a full decode: truncated files fail here, not in training
+    except UnidentifiedImageError:
+        raise Rejected("not an image (unrecognised format)") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise Rejected(f"truncated or corrupt image ({e})") from None
+    too_big = opts.max_side is not None and max(img.size) > opts.max_side
+    if fmt == "JPEG" and img.mode == "RGB" and not too_big and opts.quality is None:
+        return data, img.height, img.width, "copied"
+    action = "reencoded" if fmt == "JPEG" and img.mode == "RGB" else "converted"
+    return (*_to_jpeg(img, opts, too_big), action)
+
+
+def encode_pixels(pixels: bytes, shape: tuple[int, int], opts: EncodeOptions) -> tuple[bytes, int, int, str]:
+    """Encode raw HxWx3 uint8 pixels (CIFAR, digits) as JPEG."""
+    arr = np.frombuffer(pixels, dtype=np.uint8).reshape(shape[0], shape[1], 3)
+    img = Image.fromarray(arr, "RGB")
+    too_big = opts.max_side is not None and max(img.size) > opts.max_side
+    return (*_to_jpeg(img, opts, too_big), "encoded")
+
+
+def _to_jpeg(img: Image.Image, opts: EncodeOptions, shrink: bool) -> tuple[bytes, int, int]:
+    if img.mode != "RGB":
+        # CMYK / grayscale / palette / alpha -> RGB (alpha composited on white, as a viewer shows it)
+        if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+            rgba = img.convert("RGBA")
+            bg = Image.new("RGB", rgba.size, (255, 255, 255))
+            bg.paste(rgba, mask=rgba.getchannel("A"))
+            img = bg
+        else:
+            img = img.convert("RGB")
+    if shrink:
+        assert opts.max_side is not None
+        s = opts.max_side / max(img.size)
+        size = (max(1, round(img.width * s)), max(1, round(img.height * s)))
+        img = img.resize(size, Image.LANCZOS, reducing_gap=3.0)
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=opts.target_quality())
+    return buf.getvalue(), img.height, img.width
+
+
+def _read_bytes(fs: pafs.FileSystem | None, path: str) -> bytes:
+    if fs is None:
+        with open(path, "rb") as f:
+            return f.read()
+    with fs.open_input_file(path) as f:
+        return f.read()
+
+
+def write_shard(chunk: dict[str, Any], out_uri: str, opts: EncodeOptions) -> dict[str, Any]:
+    """Ray task body: one chunk of items -> one Parquet shard. Returns the shard's summary row."""
+    fs, root = pafs.FileSystem.from_uri(out_uri)
+    in_fs = None  # local paths are read with open(); URIs would set a filesystem here
+    rows: dict[str, list] = {name: [] for name in SCHEMA.names}
+    rejects, actions = [], {}
+    paths, pixels = chunk["paths"], chunk["pixels"]
+    for i, key in enumerate(chunk["keys"]):
+        try:
+            if pixels is not None and pixels[i] is not None:
+                shape = (int(chunk["heights"][i]), int(chunk["widths"][i]))
+                data, h, w, action = encode_pixels(pixels[i], shape, opts)
+            else:
+                data, h, w, action = encode_image(_read_bytes(in_fs, paths[i]), opts)
+        except Rejected as e:
+            rejects.append({"path": str(key), "split": chunk["split"], "reason": str(e)})
+            continue
+        except OSError as e:
+            rejects.append({"path": str(key), "split": chunk["split"], "reason": f"unreadable ({e})"})
+            continue
+        actions[action] = actions.get(action, 0) + 1
+        rows["image"].append(data)
+        rows["label"].append(int(chunk["labels"][i]))
+        rows["key"].append(str(key))
+        rows["height"].append(h)
+        rows["width"].append(w)
+    summary = {"split": chunk["split"], "file": "", "rows": 0, "sha256": "", "bytes": 0,
+               "rejects": json.dumps(rejects), "actions": json.dumps(actions)}
+    if not rows["key"]:
+        return summary
+    sink = pa.BufferOutputStream()
+    # JPEG bytes do not compress; skipping compression saves CPU on every read.
+    pq.write_table(pa.table(rows, schema=SCHEMA), sink, compression="none", row_group_size=1024)
+    buf = sink.getvalue()
+    rel = f"{chunk['split']}/{chunk['shard']}.parquet"
+    final = f"{root}/{rel}"
+    tmp = f"{root}/{chunk['split']}/.{chunk['shard']}.{uuid.uuid4().hex}.tmp"
+    fs.create_dir(f"{root}/{chunk['split']}", recursive=True)
+    with fs.open_output_stream(tmp) as f:
+        f.write(buf)
+    fs.move(tmp, final)
+    summary.update(file=rel, rows=len(rows["key"]), sha256=hashlib.sha256(buf).hexdigest(), bytes=buf.size)
+    return summary
+
+
+def plan_shards(listing: Listing, shard_rows: int, seed: int) -> list[dict[str, Any]]:
+    """Cut each split into chunks of about ``shard_rows`` items. Train items are shuffled first (seeded):
+    class-folder listings are sorted by class, and a shard holding one class would make class-pure
+    batches however the shards are read."""
+    chunks = []
+    for split in SPLITS:
+        items = [it for it in listing.items if it.split == split]
+        if split == "train":
+            items = [items[i] for i in np.random.default_rng(seed).permutation(len(items))]
+        n_shards = max(1, -(-len(items) // shard_rows)) if items else 0
+        for s, part in enumerate(np.array_split(np.arange(len(items)), n_shards) if n_shards else []):
+            chunks.append(_chunk(split, f"{split}-{s:05d}-of-{n_shards:05d}", [items[i] for i in part]))
+    return chunks
+
+
+def _chunk(split: str, shard: str, items: list[Item]) -> dict[str, Any]:
+    in_memory = any(it.pixels is not None for it in items)
+    return {
+        "split": split,
+        "shard": shard,
+        "keys": [it.key for it in items],
+        "labels": [it.label for it in items],
+        "paths": [it.path for it in items],
+        "pixels": [it.pixels for it in items] if in_memory else None,
+        "heights": [it.shape[0] if it.shape else 0 for it in items],
+        "widths": [it.shape[1] if it.shape else 0 for it in items],
+    }
+
+
+def default_shard_rows(n_items: int, shard_rows: int | None) -> int:
+    """Explicit --shard-rows wins; otherwise 1024 rows (about 100 MB of ImageNet JPEGs), but at least 8
+    shards per split on small datasets so several workers and decode tasks have something to share."""
+    if shard_rows:
+        return shard_rows
+    return max(32, min(1024, -(-n_items // 16)))
+
+
+def _is_uri(path: str) -> bool:
+    return "://" in path
+
+
+def _check_out(out: str, overwrite: bool) -> None:
+    if _is_uri(out):
+        fs, root = pafs.FileSystem.from_uri(out)
+        exists = fs.get_file_info(f"{root}/{MANIFEST}").type != pafs.FileType.NotFound
+    else:
+        exists = Path(out).exists()
+    if exists and not overwrite:
+        raise UserError(f"{out}: output already exists (pass --overwrite to replace it)")
+
+
+def prepare(
+    source: str,
+    out: str,
+    fmt: str | None = None,
+    val_fraction: float = 0.1,
+    opts: EncodeOptions = EncodeOptions(),
+    shard_rows: int | None = None,
+    overwrite: bool = False,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Run the prepare job and return the manifest. Errors in the inputs raise UserError before Ray starts."""
+    if not 0.0 <= val_fraction < 1.0:
+        raise UserError(f"--val-fraction {val_fraction}: expected a fraction in [0, 1)")
+    _check_out(out, overwrite)
+    listing = list_source(source, fmt, val_fraction, seed)
+    if not listing.items:
+        raise UserError(f"{source}: no image files found")
+    start = time.perf_counter()
+    rows = default_shard_rows(len(listing.items), shard_rows)
+    chunks = plan_shards(listing, rows, seed)
+    log.info("%s: %d files in %d shards, %d classes", source, len(listing.items), len(chunks), len(listing.classes))
+
+    if _is_uri(out):
+        work_uri, final_dir = out.rstrip("/"), None
+    else:
+        final_dir = Path(out).resolve()
+        final_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp_dir = final_dir.parent / f".{final_dir.name}.partial-{uuid.uuid4().hex[:8]}"
+        tmp_dir.mkdir()
+        work_uri = str(tmp_dir)
+    try:
+        summaries = _run_shard_tasks(chunks, work_uri, opts)
+        manifest = _manifest(source, listing, summaries, opts, rows, seed, time.perf_counter() - start)
+        _write_manifest(work_uri, manifest)
+        if final_dir is not None:
+            _replace_dir(Path(work_uri), final_dir)
+    except BaseException:
+        if final_dir is not None:
+            shutil.rmtree(work_uri, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _run_shard_tasks(chunks: list[dict[str, Any]], work_uri: str, opts: EncodeOptions) -> list[dict[str, Any]]:
+    import ray
+
+    from vitlab.cluster import connect
+
+    connect()
+    ds = ray.data.from_items(chunks, override_num_blocks=len(chunks))
+    # One task per shard; read, validate and write are fused in it, so nothing but summaries moves.
+    ds = ds.map(write_shard, fn_kwargs={"out_uri": work_uri, "opts": opts}, num_cpus=1)
+    return ds.take_all()
+
+
+def _manifest(source: str, listing: Listing, summaries: list[dict[str, Any]], opts: EncodeOptions,
+              shard_rows: int, seed: int, seconds: float) -> dict[str, Any]:
+    from vitlab import __version__
+
+    splits: dict[str, Any] = {s: {"rows": 0, "shards": []} for s in SPLITS}
+    rejects = list(listing.rejects)
+    actions: dict[str, int] = {}
+    for s in sorted(summaries, key=lambda r: r["file"]):
+        rejects.extend(json.loads(s["rejects"]))
+        for k, v in json.loads(s["actions"]).items():
+            actions[k] = actions.get(k, 0) + v
+        if s["rows"]:
+            splits[s["split"]]["rows"] += s["rows"]
+            splits[s["split"]]["shards"].append(
+                {"file": s["file"], "rows": s["rows"], "sha256": s["sha256"], "bytes": s["bytes"]}
+            )
+    counts = [0] * len(listing.classes)
+    for it in listing.items:
+        counts[it.label] += it.split == "train"
+    return {
+        "version": MANIFEST_VERSION,
+        "vitlab_version": __version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "source": source if source == "digits" or _is_uri(source) else str(Path(source).resolve()),
+        "format": listing.format,
+        "num_classes": len(listing.classes),
+        "classes": listing.classes,
+        "wnids": listing.wnids,
+        "splits": splits,
+        "rejects": sorted(rejects, key=lambda r: (r["split"], r["path"])),
+        "encoding": {**asdict(opts), "default_quality": DEFAULT_QUALITY, "format": "JPEG", **actions},
+        "shard_rows": shard_rows,
+        "seed": seed,
+        "prepare_s": round(seconds, 2),
+        "columns": {f.name: str(f.type) for f in SCHEMA},
+    }
+
+
+def _write_manifest(work_uri: str, manifest: dict[str, Any]) -> None:
+    fs, root = pafs.FileSystem.from_uri(work_uri)
+    tmp = f"{root}/.{MANIFEST}.tmp"
+    with fs.open_output_stream(tmp) as f:
+        f.write(json.dumps(manifest, indent=2).encode())
+    fs.move(tmp, f"{root}/{MANIFEST}")
+
+
+def _replace_dir(tmp_dir: Path, final_dir: Path) -> None:
+    """Rename the finished build into place; an old output (with --overwrite) is moved aside first."""
+    old = None
+    if final_dir.exists():
+        old = final_dir.parent / f".{final_dir.name}.old-{uuid.uuid4().hex[:8]}"
+        os.rename(final_dir, old)
+    os.rename(tmp_dir, final_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def summary_line(out: str, manifest: dict[str, Any]) -> str:
+    rejected = {s: sum(r["split"] == s for r in manifest["rejects"]) for s in SPLITS}
+    parts = [
+        f"{s} {manifest['splits'][s]['rows']} kept / {rejected[s]} rejected "
+        f"({len(manifest['splits'][s]['shards'])} shards)"
+        for s in SPLITS
+    ]
+    return (f"prepared {manifest['format']} -> {out}: {manifest['num_classes']} classes; "
+            + "; ".join(parts) + f"; {manifest['prepare_s']:.1f}s")

@@ -1,0 +1,287 @@
+"""train_loop_per_worker: the seed's DDP loop, grown up. Reads top to bottom:
+
+set up -> restore (Ray's latest checkpoint, or --resume-from) -> for each epoch: train steps, evaluate,
+report metrics + checkpoint through ray.train.report (a barrier every worker reaches), log on rank 0.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from vitlab.config import JobConfig
+from vitlab.data.pipeline import normalize_on_device
+from vitlab.model import create_model
+from vitlab.train import state as ckpt
+from vitlab.train.optim import build_loss, build_mixup, build_optimizer, build_schedule, effective_lr
+
+log = logging.getLogger("vitlab.train")
+
+MAX_CONFUSION_CLASSES = 100
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Training produced a NaN or inf loss; carries the global step."""
+
+
+@dataclass
+class LoopInputs:
+    """What the driver hands every worker besides the JobConfig (see trainer.build_trainer)."""
+
+    job: dict[str, Any]
+    model_kwargs: dict[str, Any]
+    num_classes: int
+    train_rows: int
+    run_id: str | None
+    tracking_uri: str | None
+    resume_from: str | None
+    epoch_clock: Any  # EpochClock actor handle
+
+
+def _all_reduce_sum(values: list[float], device) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.tolist()
+
+
+def _autocast(precision: str, device: torch.device):
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def train_one_epoch(model, batches, optimizer, schedule, scaler, loss_fn, mixup, cfg: JobConfig, device,
+                    step: int, epoch: int, logger) -> tuple[dict[str, float], int]:
+    """One pass over this worker's shard. Returns (metrics summed over workers, new optimizer step)."""
+    model.train()
+    accum = cfg.optim.accum_steps
+    loss_sum = correct = seen = 0.0
+    wait_s = 0.0
+    lr = schedule(step)
+    start = tick = time.perf_counter()
+    optimizer.zero_grad(set_to_none=True)
+    for micro, batch in enumerate(batches):
+        now = time.perf_counter()
+        wait_s += now - tick
+        images = normalize_on_device(batch["image"], cfg.data.mean, cfg.data.std, device, cfg.train.channels_last)
+        labels = batch["label"].to(device, non_blocking=True)
+        targets = labels
+        if mixup is not None:
+            images, targets = mixup(images, labels)
+        last_micro = (micro + 1) % accum == 0
+        # Under accumulation, skip DDP's gradient all-reduce on all but the last micro-batch.
+        sync = contextlib.nullcontext() if last_micro or not hasattr(model, "no_sync") else model.no_sync()
+        with sync:
+            with _autocast(cfg.train.precision, device):
+                logits = model(images)
+                loss = loss_fn(logits, targets)
+            scaled = loss / accum
+            (scaler.scale(scaled) if scaler is not None else scaled).backward()
+        loss_value = loss.detach().float().item()
+        if last_micro:
+            if scaler is not None:
+                scaler.unscale_(optimizer)
+            # The grad norm is computed on all-reduced gradients, so every worker sees the same value and a
+            # NaN from any worker stops all of them at the same step (no worker left waiting in a collective).
+            max_norm = cfg.optim.clip_grad if cfg.optim.clip_grad else float("inf")
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+            if not math.isfinite(loss_value) or not torch.isfinite(grad_norm):
+                raise NonFiniteLossError(
+                    f"non-finite loss at step {step} (epoch {epoch}): loss={loss_value}, grad_norm={grad_norm}"
+                )
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            lr = schedule.apply(optimizer, step)
+            if logger is not None and step % cfg.train.log_every_steps == 0:
+                logger.add({"train_loss_step": loss_value, "lr_step": lr}, step)
+        elif not math.isfinite(loss_value):
+            raise NonFiniteLossError(f"non-finite loss at step {step} (epoch {epoch}): loss={loss_value}")
+        n = labels.shape[0]
+        loss_sum += loss_value * n
+        seen += n
+        correct += (logits.detach().argmax(1) == labels).sum().item()
+        tick = time.perf_counter()
+    elapsed = time.perf_counter() - start
+    loss_sum, correct, seen, wait_s, elapsed_max = _all_reduce_sum([loss_sum, correct, seen, wait_s, elapsed],
+                                                                   device)
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    epoch_s = elapsed_max / world  # mean over workers
+    return {
+        "train_loss": loss_sum / max(1, seen),
+        "train_top1": correct / max(1, seen),  # against hard labels (approximate under mixup)
+        "lr": lr,
+        "epoch_time_s": epoch_s,
+        "images_per_s": seen / max(1e-9, epoch_s),  # global: all workers' images over the epoch time
+        "data_wait": wait_s / max(1e-9, elapsed_max),
+        "train_images": seen,
+    }, step
+
+
+@torch.no_grad()
+def evaluate(model, batches, cfg: JobConfig, device, num_classes: int) -> tuple[dict[str, float], Any]:
+    """Val loss, top-1 and top-5 from counts summed over workers: exact whatever the shard sizes."""
+    model.eval()
+    loss_sum = top1 = top5 = seen = 0.0
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.float64, device=device) \
+        if num_classes <= MAX_CONFUSION_CLASSES else None
+    k = min(5, num_classes)
+    for batch in batches:
+        images = normalize_on_device(batch["image"], cfg.data.mean, cfg.data.std, device, cfg.train.channels_last)
+        labels = batch["label"].to(device)
+        with _autocast(cfg.train.precision, device):
+            logits = model(images)
+        logits = logits.float()
+        loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
+        topk = logits.topk(k, dim=1).indices
+        top1 += (topk[:, 0] == labels).sum().item()
+        top5 += (topk == labels[:, None]).any(dim=1).sum().item()
+        seen += labels.shape[0]
+        if confusion is not None:
+            idx = labels * num_classes + topk[:, 0]
+            confusion += torch.bincount(idx, minlength=num_classes**2).view(num_classes, num_classes).double()
+    loss_sum, top1, top5, seen = _all_reduce_sum([loss_sum, top1, top5, seen], device)
+    if confusion is not None and dist.is_initialized():
+        dist.all_reduce(confusion, op=dist.ReduceOp.SUM)
+    metrics = {"val_loss": loss_sum / max(1, seen), "val_top1": top1 / max(1, seen),
+               "val_top5": top5 / max(1, seen), "val_images": seen}
+    return metrics, (confusion.cpu().numpy().astype(np.int64) if confusion is not None else None)
+
+
+def _gather_rng() -> list[dict[str, Any]]:
+    states = [ckpt.rng_state()]
+    if dist.is_initialized():
+        gathered: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, states[0])
+        return gathered
+    return states
+
+
+def _restore_point(inputs: LoopInputs):
+    """Ray's latest checkpoint of this run (resume, or restart after a failure) wins over --resume-from."""
+    import ray.train
+
+    found = ray.train.get_checkpoint()
+    if found is not None:
+        return found, "latest checkpoint of this run"
+    if inputs.resume_from:
+        return ray.train.Checkpoint(inputs.resume_from), f"--resume-from {inputs.resume_from}"
+    return None, ""
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    import ray
+    import ray.train
+    import ray.train.torch
+
+    inputs = LoopInputs(**config)
+    cfg = JobConfig.model_validate(inputs.job)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.manual_seed(cfg.train.seed + rank)
+    np.random.seed((cfg.train.seed + rank) % 2**32)
+
+    # -- set up ----------------------------------------------------------------------------------------
+    model = create_model(cfg.model.name, inputs.num_classes, inputs.model_kwargs).to(device)
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    global_batch = cfg.train.batch_size
+    per_worker = global_batch // world
+    steps_per_epoch = max(1, (inputs.train_rows // world) // per_worker // cfg.optim.accum_steps)
+    base_lr = effective_lr(cfg.optim, global_batch * cfg.optim.accum_steps)
+    optimizer = build_optimizer(model, cfg.optim, base_lr)
+    schedule = build_schedule(cfg.optim, base_lr, steps_per_epoch, cfg.train.epochs)
+    scaler = torch.amp.GradScaler("cuda") if cfg.train.precision == "fp16" else None
+    mixup = build_mixup(cfg.optim, inputs.num_classes)
+    loss_fn = build_loss(cfg.optim, mixup)
+
+    # -- restore ---------------------------------------------------------------------------------------
+    start_epoch, step = 0, 0
+    checkpoint, origin = _restore_point(inputs)
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            saved = ckpt.load_state(d)
+        ckpt.restore(saved, model, optimizer, scaler, rank)
+        start_epoch, step = int(saved["epoch"]), int(saved["step"])
+        if rank == 0:
+            log.warning("restored from %s: epoch %d done, continuing at epoch %d (step %d)",
+                        origin, start_epoch, start_epoch + 1, step)
+    schedule.apply(optimizer, step)
+
+    model = ray.train.torch.prepare_model(model)
+    if cfg.train.compile:
+        model = torch.compile(model)
+    logger = None
+    if rank == 0 and inputs.run_id:
+        from vitlab.tracking import EpochLogger
+
+        logger = EpochLogger(inputs.tracking_uri, inputs.run_id, cfg.tracking.system_metrics)
+        ray.get(inputs.epoch_clock.set.remote(start_epoch))
+    if dist.is_initialized():
+        dist.barrier()  # every worker starts reading only once the epoch clock is set
+
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("val")
+    eval_batch = (cfg.train.eval_batch_size or global_batch) // world
+
+    # -- epochs ----------------------------------------------------------------------------------------
+    try:
+        for epoch in range(start_epoch, cfg.train.epochs):
+            shuffle_seed = (cfg.train.seed * 1_000_003 + epoch * 1009 + rank) % 2**32
+            batches = train_shard.iter_torch_batches(
+                batch_size=per_worker, drop_last=True, prefetch_batches=cfg.data.prefetch_batches,
+                local_shuffle_buffer_size=cfg.data.shuffle_buffer or None,
+                local_shuffle_seed=shuffle_seed if cfg.data.shuffle_buffer else None,
+            )
+            train_metrics, step = train_one_epoch(model, batches, optimizer, schedule, scaler, loss_fn, mixup,
+                                                  cfg, device, step, epoch, logger)
+            val_metrics, confusion = evaluate(
+                ckpt.unwrap(model), val_shard.iter_torch_batches(batch_size=max(1, eval_batch),
+                                                               prefetch_batches=cfg.data.prefetch_batches),
+                cfg, device, inputs.num_classes,
+            )
+            done = epoch + 1
+            metrics = {"epoch": done, "step": step, **train_metrics, **val_metrics}
+            rng_states = _gather_rng()  # a collective: every rank calls it
+            save = done % cfg.run.checkpoint_every == 0 or done == cfg.train.epochs
+            checkpoint, checkpoint_dir = None, None
+            if rank == 0:
+                ray.get(inputs.epoch_clock.set.remote(done))  # before the report barrier: next epoch's crops
+                log.info(
+                    "epoch %d/%d: train loss %.4f, val loss %.4f, val top-1 %.4f, top-5 %.4f, %.0f img/s, "
+                    "data wait %.0f%%", done, cfg.train.epochs, metrics["train_loss"], metrics["val_loss"],
+                    metrics["val_top1"], metrics["val_top5"], metrics["images_per_s"], 100 * metrics["data_wait"],
+                )
+                if logger is not None:
+                    logger.add({k: v for k, v in metrics.items() if k not in ("epoch", "step")}, done)
+                if save:
+                    checkpoint_dir = ckpt.write_checkpoint_dir(
+                        model=model, optimizer=optimizer, scaler=scaler, epoch=done, step=step,
+                        config_yaml=cfg.to_yaml(), metrics=metrics, rng_states=rng_states, confusion=confusion,
+                    )
+                    checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint_dir))
+            ray.train.report(metrics, checkpoint=checkpoint)
+            if checkpoint_dir is not None:
+                shutil.rmtree(checkpoint_dir, ignore_errors=True)  # persisted to run storage by now
+            if logger is not None and save:
+                logger.flush()  # only now is the epoch safe from being redone
+    finally:
+        if logger is not None:
+            logger.close()

@@ -1,0 +1,100 @@
+"""Checkpoint save/restore: model, optimizer, scaler, epoch, step, every rank's RNG states, resolved config.
+
+A checkpoint is a directory: ``state.pt`` (torch), ``config.yaml`` (the resolved JobConfig), ``metrics.json``
+(the epoch's metrics) and, for at most 100 classes, ``confusion.npy``. Files are written under a temporary
+name and renamed, so a crash never leaves a file that looks complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+STATE_FILE = "state.pt"
+CONFIG_FILE = "config.yaml"
+METRICS_FILE = "metrics.json"
+CONFUSION_FILE = "confusion.npy"
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The plain timm module under DDP and torch.compile wrappers (no 'module.' / '_orig_mod.' prefix)."""
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            model = model.module
+        else:
+            return model
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_checkpoint_dir(
+    *, model, optimizer, scaler, epoch: int, step: int, config_yaml: str, metrics: dict[str, Any],
+    rng_states: list[dict[str, Any]], confusion: np.ndarray | None,
+) -> Path:
+    """Write a checkpoint into a new temporary directory and return it (for ray.train.Checkpoint)."""
+    out = Path(tempfile.mkdtemp(prefix="vitlab-ckpt-"))
+    state = {
+        "model": unwrap(model).state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "epoch": epoch,  # epochs completed
+        "step": step,  # optimizer steps completed
+        "rng": rng_states,  # one entry per rank
+    }
+    atomic_torch_save(state, out / STATE_FILE)
+    atomic_write_text(out / CONFIG_FILE, config_yaml)
+    atomic_write_text(out / METRICS_FILE, json.dumps(metrics, indent=2))
+    if confusion is not None:
+        tmp = out / f".{CONFUSION_FILE}.tmp.npy"
+        np.save(tmp, confusion)
+        os.replace(tmp, out / CONFUSION_FILE)
+    return out
+
+
+def load_state(checkpoint_dir: str | Path) -> dict[str, Any]:
+    return torch.load(Path(checkpoint_dir) / STATE_FILE, map_location="cpu", weights_only=False)
+
+
+def restore(state: dict[str, Any], model, optimizer, scaler, rank: int) -> None:
+    """Load a checkpoint's state into freshly built objects (before DDP wrapping)."""
+    unwrap(model).load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    if scaler is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    rngs = state.get("rng") or []
+    if rank < len(rngs):
+        set_rng_state(rngs[rank])
