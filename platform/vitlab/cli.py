@@ -91,6 +91,18 @@ def cmd_train(args: argparse.Namespace) -> None:
     print(summary(outcome))
 
 
+def cmd_sweep(args: argparse.Namespace) -> None:
+    from vitlab.config import load_job
+    from vitlab.tune.space import load_space
+    from vitlab.tune.sweep import format_table, run_sweep
+
+    cfg = load_job(args.job, args.overrides)
+    spec = load_space(args.space, args.num_samples)
+    report = run_sweep(cfg, spec, args.space, resume=args.resume)
+    write_json(args.output_json, report)
+    print(format_table(report))
+
+
 def cmd_ui(args: argparse.Namespace) -> None:
     from vitlab.config import load_job
     from vitlab.tracking import default_artifact_location, resolve_tracking_uri
@@ -147,6 +159,15 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--resume-from", help="start from this checkpoint directory")
     tr.add_argument("--output-json", help="write the outcome (accuracy, run id, paths) here")
     tr.set_defaults(func=cmd_train)
+
+    sw = sub.add_parser("sweep", help="a Ray Tune sweep over a search space in search_spaces/")
+    sw.add_argument("job", help="jobs/*.yaml: the base JobConfig of every trial")
+    sw.add_argument("space", help="search_spaces/*.yaml")
+    sw.add_argument("overrides", nargs="*", help="dotted key=value overrides of the base job")
+    sw.add_argument("--num-samples", type=int, help="override the space's num_samples")
+    sw.add_argument("--resume", action="store_true", help="continue an interrupted sweep (Tuner.restore)")
+    sw.add_argument("--output-json")
+    sw.set_defaults(func=cmd_sweep)
 
     ui = sub.add_parser("ui", help="start the MLflow UI for the configured store, on 127.0.0.1")
     ui.add_argument("job", nargs="?", help="a job file whose tracking.uri to use (default: "

@@ -12,6 +12,7 @@ import logging
 import os
 import subprocess
 import tempfile
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -92,15 +93,17 @@ def ray_job_id() -> str | None:
 
 def start_run(
     uri: str, experiment: str, run_key: str, run_name: str, params: dict[str, Any], tags: dict[str, str],
-    parent_run_id: str | None = None,
+    parent_run_id: str | None = None, resume: bool = True,
 ) -> tuple[str, bool]:
-    """Find the run for ``run_key`` (a resumed training) or create it. Returns (run_id, resumed)."""
+    """Continue the newest run tagged ``run_key`` when ``resume`` (a resumed training or sweep), else create
+    a new one. Returns (run_id, resumed)."""
     import mlflow
     from mlflow.entities import Param, RunTag
 
     client = mlflow.MlflowClient(tracking_uri=uri)
     exp_id = experiment_id(client, experiment, uri)
-    found = client.search_runs([exp_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{run_key}'", max_results=1)
+    found = client.search_runs([exp_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{run_key}'", max_results=1,
+                               order_by=["attributes.start_time DESC"]) if resume else []
     if found:
         run_id = found[0].info.run_id
         client.update_run(run_id, status="RUNNING")
@@ -127,7 +130,6 @@ class EpochLogger:
     def __init__(self, uri: str, run_id: str, system_metrics: bool):
         import mlflow
 
-        self._mlflow = mlflow
         self.client = mlflow.MlflowClient(tracking_uri=uri)
         self.run_id = run_id
         self.pending: list[tuple[str, float, int]] = []
@@ -136,8 +138,7 @@ class EpochLogger:
             try:
                 from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
-                self._sys = SystemMetricsMonitor(run_id, resume_logging=True)
-                mlflow.set_tracking_uri(uri)
+                self._sys = SystemMetricsMonitor(run_id, resume_logging=True, tracking_uri=uri)
                 self._sys.start()
             except Exception as e:  # system metrics are a nicety; never fail training over them
                 log.warning("MLflow system metrics unavailable: %s", e)
@@ -147,7 +148,6 @@ class EpochLogger:
         self.pending.extend((k, float(v), step) for k, v in metrics.items())
 
     def flush(self) -> None:
-        import time
 
         from mlflow.entities import Metric
 

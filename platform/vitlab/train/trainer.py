@@ -57,9 +57,34 @@ def run_dir(cfg: JobConfig) -> str:
     return f"{storage_root(cfg)}/{cfg.run.name}"
 
 
+def has_checkpoints(path: str) -> bool:
+    """Whether a Train run directory already holds checkpoints (so this run resumes it)."""
+    import pyarrow.fs as pafs
+
+    fs, root = pafs.FileSystem.from_uri(path) if "://" in path else (pafs.LocalFileSystem(), path)
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+    except OSError:
+        return False
+    return any(i.base_name.startswith("checkpoint_") for i in infos)
+
+
+def check_model(cfg: JobConfig, num_classes: int) -> None:
+    """Build the model once on the meta device (no memory, no compute): bad kwargs fail before Ray."""
+    import torch
+
+    from vitlab.model import check_model_name, create_model, timm_kwargs
+
+    check_model_name(cfg.model.name)
+    try:
+        with torch.device("meta"):
+            create_model(cfg.model.name, num_classes, timm_kwargs(cfg))
+    except (TypeError, ValueError, AssertionError, RuntimeError) as e:
+        raise ConfigError(f"model.kwargs: timm cannot build {cfg.model.name} with {timm_kwargs(cfg)}: {e}") from None
+
+
 def preflight(cfg: JobConfig) -> tuple[Manifest, str]:
     """Checks that need no Ray: returns (manifest, resolved tracking URI)."""
-    from vitlab.model import check_model_name
     from vitlab.tracking import check_tracking, resolve_tracking_uri
 
     if cfg.train.precision == "fp16" and not cfg.scaling.use_gpu:
@@ -68,7 +93,7 @@ def preflight(cfg: JobConfig) -> tuple[Manifest, str]:
     if mixing and (cfg.train.batch_size // cfg.scaling.num_workers) % 2:
         raise ConfigError("train.batch_size: mixup/cutmix need an even batch per worker")
     manifest = load_manifest(cfg.data.path)
-    check_model_name(cfg.model.name)
+    check_model(cfg, manifest.num_classes)
     uri = resolve_tracking_uri(cfg.tracking.uri)
     check_tracking(uri)
     per_worker_rows = manifest.rows("train") // cfg.scaling.num_workers
@@ -174,8 +199,11 @@ def _run_tags(cfg: JobConfig, manifest: Manifest) -> dict[str, str]:
 
 
 def train(cfg: JobConfig, resume_from: str | None = None, parent_run_id: str | None = None,
-          callbacks: list | None = None) -> TrainOutcome:
-    """Fit the job and record it; the CLI's `vitlab train` and the sweep's trials both land here."""
+          callbacks: list | None = None, tracking_key: str | None = None, log_model: bool = True) -> TrainOutcome:
+    """Fit the job and record it; the CLI's `vitlab train` and the sweep's trials both land here.
+
+    ``tracking_key`` names the MLflow run to continue (default: the run directory); sweeps pass the trial's
+    key so a trial restarted under another Train run (a PBT exploit) keeps its one MLflow run."""
     from vitlab.cluster import connect
     from vitlab.data.pipeline import start_epoch_clock
     from vitlab.tracking import end_run, start_run
@@ -187,8 +215,9 @@ def train(cfg: JobConfig, resume_from: str | None = None, parent_run_id: str | N
         raise UserError(f"--resume-from {resume_from}: not a vitlab checkpoint (no state.pt)")
     manifest, uri = preflight(cfg)
     connect()
-    run_id, resumed = start_run(uri, cfg.tracking.experiment, run_dir(cfg), cfg.run.name, cfg.flat(),
-                                _run_tags(cfg, manifest), parent_run_id)
+    run_id, resumed = start_run(uri, cfg.tracking.experiment, tracking_key or run_dir(cfg), cfg.run.name,
+                                cfg.flat(), _run_tags(cfg, manifest), parent_run_id,
+                                resume=tracking_key is not None or has_checkpoints(run_dir(cfg)))
     log.info("MLflow run %s (%s) at %s", run_id, "resumed" if resumed else "new", uri)
     clock = start_epoch_clock()
     trainer = build_trainer(cfg, manifest, run_id, uri, resume_from, clock, callbacks)
@@ -197,7 +226,7 @@ def train(cfg: JobConfig, resume_from: str | None = None, parent_run_id: str | N
     except Exception as e:
         end_run(uri, run_id, "FAILED")
         raise TrainingError(_root_message(e)) from e
-    outcome = finish(cfg, manifest, uri, run_id, result, start, resumed)
+    outcome = finish(cfg, manifest, uri, run_id, result, start, resumed, log_model)
     end_run(uri, run_id, "FINISHED")
     return outcome
 
@@ -221,7 +250,7 @@ def _best(result) -> tuple[Any, dict[str, Any]]:
 
 
 def finish(cfg: JobConfig, manifest: Manifest, uri: str, run_id: str, result, start: float,
-           resumed: bool) -> TrainOutcome:
+           resumed: bool, log_model: bool = True) -> TrainOutcome:
     """Write the plain best model, log the artifacts, and build the outcome."""
     import numpy as np
     import torch
@@ -251,9 +280,9 @@ def finish(cfg: JobConfig, manifest: Manifest, uri: str, run_id: str, result, st
     if confusion_file.is_file():
         files.append(tracking.confusion_png(np.load(confusion_file), manifest.classes, art / "confusion.png"))
     tracking.log_artifacts(uri, run_id, files)
-    size = cfg.data.image_size
-    example = torch.randn(1, 3, size, size).numpy()
-    tracking.log_torch_model(uri, run_id, model, example)
+    if log_model:
+        size = cfg.data.image_size
+        tracking.log_torch_model(uri, run_id, model, torch.randn(1, 3, size, size).numpy())
 
     rates = [v for _, v in tracking.metric_history(uri, run_id, "images_per_s")]
     return TrainOutcome(
