@@ -157,9 +157,12 @@ class EpochLogger:
             self.client.log_batch(self.run_id, metrics=items[i : i + 1000])
         self.pending.clear()
 
-    def drop(self) -> None:
-        """Forget metrics of epochs that will be redone (never reached a checkpoint)."""
-        self.pending.clear()
+    def log_if_missing(self, metrics: dict[str, Any], step: int, probe: str = "val_top1") -> None:
+        """Log a restored checkpoint's epoch metrics unless the run already has that epoch."""
+        if any(m.step == step for m in self.client.get_metric_history(self.run_id, probe)):
+            return
+        self.add({k: v for k, v in metrics.items() if k not in ("epoch", "step")}, step)
+        self.flush()
 
     def close(self) -> None:
         if self._sys is not None:

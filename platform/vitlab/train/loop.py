@@ -28,6 +28,7 @@ from vitlab.train.optim import build_loss, build_mixup, build_optimizer, build_s
 log = logging.getLogger("vitlab.train")
 
 MAX_CONFUSION_CLASSES = 100
+OWN_CHECKPOINT = "latest checkpoint of this run"
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -179,7 +180,7 @@ def _restore_point(inputs: LoopInputs):
 
     found = ray.train.get_checkpoint()
     if found is not None:
-        return found, "latest checkpoint of this run"
+        return found, OWN_CHECKPOINT
     if inputs.resume_from:
         return ray.train.Checkpoint(inputs.resume_from), f"--resume-from {inputs.resume_from}"
     return None, ""
@@ -213,11 +214,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     loss_fn = build_loss(cfg.optim, mixup)
 
     # -- restore ---------------------------------------------------------------------------------------
-    start_epoch, step = 0, 0
+    start_epoch, step, restored_metrics = 0, 0, None
     checkpoint, origin = _restore_point(inputs)
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             saved = ckpt.load_state(d)
+            # only this run's own epochs belong in its MLflow run (not a --resume-from source's)
+            restored_metrics = ckpt.load_metrics(d) if origin == OWN_CHECKPOINT else None
         ckpt.restore(saved, model, optimizer, scaler, rank)
         start_epoch, step = int(saved["epoch"]), int(saved["step"])
         if rank == 0:
@@ -234,6 +237,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
         logger = EpochLogger(inputs.tracking_uri, inputs.run_id, cfg.tracking.system_metrics)
         ray.get(inputs.epoch_clock.set.remote(start_epoch))
+        if restored_metrics:
+            # A failure between registering the checkpoint and flushing its metrics would lose that epoch.
+            logger.log_if_missing(restored_metrics, step=start_epoch)
     if dist.is_initialized():
         dist.barrier()  # every worker starts reading only once the epoch clock is set
 
@@ -281,7 +287,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if checkpoint_dir is not None:
                 shutil.rmtree(checkpoint_dir, ignore_errors=True)  # persisted to run storage by now
             if logger is not None and save:
-                logger.flush()  # only now is the epoch safe from being redone
+                # Wait until the controller has registered the checkpoint: only then can a failure no longer
+                # send training back before this epoch, so only then are its metrics logged.
+                ray.train.get_all_reported_checkpoints()
+                logger.flush()
     finally:
         if logger is not None:
             logger.close()

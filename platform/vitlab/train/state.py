@@ -89,6 +89,11 @@ def load_state(checkpoint_dir: str | Path) -> dict[str, Any]:
     return torch.load(Path(checkpoint_dir) / STATE_FILE, map_location="cpu", weights_only=False)
 
 
+def load_metrics(checkpoint_dir: str | Path) -> dict[str, Any] | None:
+    f = Path(checkpoint_dir) / METRICS_FILE
+    return json.loads(f.read_text()) if f.is_file() else None
+
+
 def restore(state: dict[str, Any], model, optimizer, scaler, rank: int) -> None:
     """Load a checkpoint's state into freshly built objects (before DDP wrapping)."""
     unwrap(model).load_state_dict(state["model"])

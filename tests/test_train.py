@@ -1,0 +1,143 @@
+"""Distributed training on Ray Train (2 CPU workers, DDP over gloo) with a real MLflow sqlite store."""
+
+import os
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+import timm
+import torch
+
+from helpers import VITLAB, make_class_tree
+from vitlab.config import load_job
+from vitlab.train.trainer import TrainingError, train
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["model.kwargs.embed_dim=64", "model.kwargs.depth=2", "model.kwargs.num_heads=4", "model.kwargs.patch_size=4",
+        "data.image_size=16", "data.scale=[0.8, 1.0]", "train.batch_size=32", "optim.lr=2e-3", "optim.warmup_epochs=1",
+        "optim.label_smoothing=0.0", "tracking.system_metrics=false"]
+
+
+def job(tmp: Path, data: str, name: str, *extra: str):
+    return load_job(ROOT / "jobs" / "digits_vit.yaml", [
+        *TINY, f"data.path={data}", f"run.name={name}", f"run.storage_path={tmp / 'runs'}",
+        f"tracking.uri=sqlite:///{tmp / 'mlflow.db'}", *extra])
+
+
+def history(outcome, key):
+    client = mlflow.MlflowClient(outcome.tracking_uri)
+    return [m.step for m in sorted(client.get_metric_history(outcome.mlflow_run_id, key), key=lambda m: m.step)]
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    return tmp_path_factory.mktemp("train")
+
+
+@pytest.fixture(scope="module")
+def trained(ray_session, digits_dir, store):
+    return train(job(store, digits_dir, "learns", "train.epochs=5"))
+
+
+def test_two_workers_learn_and_report_outcome(trained):
+    o = trained
+    assert o.val_top1 > 0.4, f"val top-1 {o.val_top1} (chance is 0.1)"
+    assert 0 <= o.val_top1 <= o.val_top5 <= 1 and o.epochs == 5
+    assert Path(o.checkpoint, "state.pt").is_file() and Path(o.model_path).is_file()
+    assert o.model == {"name": "vit_tiny_patch16_224",
+                       "kwargs": {"patch_size": 4, "embed_dim": 64, "depth": 2, "num_heads": 4, "mlp_ratio": 2.0,
+                                  "img_size": 16}}
+    assert o.normalize == {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]} and o.images_per_s > 0
+
+
+def test_best_model_loads_into_plain_timm(trained):
+    state = torch.load(trained.model_path, map_location="cpu")
+    assert not any(k.startswith(("module.", "_orig_mod.")) for k in state)
+    model = timm.create_model(trained.model["name"], num_classes=10, **trained.model["kwargs"])
+    model.load_state_dict(state, strict=True)
+    assert model(torch.zeros(2, 3, 16, 16)).shape == (2, 10)
+
+
+def test_mlflow_run_holds_params_metrics_tags_artifacts(trained):
+    client = mlflow.MlflowClient(trained.tracking_uri)
+    run = client.get_run(trained.mlflow_run_id)
+    assert run.info.status == "FINISHED"
+    params = run.data.params
+    assert params["optim.lr"] == "0.002" and params["train.epochs"] == "5" and params["model.kwargs.depth"] == "2"
+    for key in ("val_top1", "val_top5", "val_loss", "train_loss", "lr", "images_per_s", "epoch_time_s", "data_wait"):
+        assert history(trained, key) == [1, 2, 3, 4, 5], key
+    assert history(trained, "train_loss_step")  # every train.log_every_steps steps
+    tags = run.data.tags
+    for tag in ("vitlab.version", "manifest.sha256", "manifest.path", "git.commit", "git.dirty"):
+        assert tag in tags, tag
+    artifacts = {a.path for a in client.list_artifacts(trained.mlflow_run_id)}
+    assert {"config.yaml", "curves.png", "confusion.png", "manifest.json"} <= artifacts
+    model = mlflow.pytorch.load_model(f"runs:/{trained.mlflow_run_id}/model")
+    assert model(torch.zeros(1, 3, 16, 16)).shape == (1, 10)
+
+
+def test_resume_continues_epoch_numbering(ray_session, digits_dir, store, trained):
+    again = train(job(store, digits_dir, "learns", "train.epochs=7"))
+    assert again.resumed and again.mlflow_run_id == trained.mlflow_run_id and again.epochs == 7
+    assert history(again, "val_top1") == [1, 2, 3, 4, 5, 6, 7]  # epochs 1-5 not trained (or logged) again
+    assert history(again, "epoch_time_s") == [1, 2, 3, 4, 5, 6, 7]
+
+
+def test_resume_from_checkpoint_starts_there(ray_session, digits_dir, store, trained):
+    latest = sorted((store / "runs" / "learns").glob("checkpoint_2*"))[-1]  # epoch 7, after the resume test
+    o = train(job(store, digits_dir, "from_ckpt", "train.epochs=8"), resume_from=str(latest))
+    assert not o.resumed and o.epochs == 8 and o.mlflow_run_id != trained.mlflow_run_id
+    assert history(o, "val_top1") == [8]
+
+
+def test_killed_worker_restores_and_completes(ray_session, digits_dir, store):
+    from ray.util.state import list_actors
+
+    cfg = job(store, digits_dir, "faulty", "train.epochs=5", "run.max_failures=2")
+    run_dir = Path(cfg.run.storage_path) / "faulty"
+    result = {}
+    thread = threading.Thread(target=lambda: result.setdefault("o", train(cfg)), daemon=True)
+    thread.start()
+    deadline = time.time() + 240
+    while time.time() < deadline and not list(run_dir.glob("checkpoint_2*")):
+        time.sleep(0.5)
+    assert list(run_dir.glob("checkpoint_2*")), "no checkpoint appeared"
+    workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+    assert workers
+    os.kill(workers[-1].pid, signal.SIGKILL)
+    thread.join(timeout=400)
+    o = result["o"]
+    assert o.epochs == 5
+    assert history(o, "val_top1") == [1, 2, 3, 4, 5]  # no epoch lost or logged twice
+
+
+def test_val_top1_exact_with_uneven_val_shards(ray_session, store, tmp_path):
+    from vitlab.data.prepare import prepare
+
+    src = make_class_tree(tmp_path / "src", ["a", "b", "c"], per_class=8, val_per_class=2, size=(16, 16))
+    (src / "val" / "a" / "extra.JPEG").write_bytes((src / "val" / "a" / "a_8.JPEG").read_bytes())
+    data = tmp_path / "shards"
+    manifest = prepare(str(src), str(data), shard_rows=2)
+    assert manifest["splits"]["val"]["rows"] == 7 and len(manifest["splits"]["val"]["shards"]) == 4
+    o = train(job(store, str(data), "uneven", "train.epochs=1", "train.batch_size=8"))
+    client = mlflow.MlflowClient(o.tracking_uri)
+    seen = [m.value for m in client.get_metric_history(o.mlflow_run_id, "val_images")]
+    assert seen == [7.0]
+    top1 = client.get_metric_history(o.mlflow_run_id, "val_top1")[0].value
+    assert round(top1 * 7) == pytest.approx(top1 * 7)  # a count out of 7, not an average of averages
+
+
+def test_nan_loss_stops_with_step(ray_session, digits_dir, store):
+    cfg = job(store, digits_dir, "nan", "train.epochs=2", "optim.lr=1e30", "optim.warmup_epochs=0")
+    with pytest.raises(TrainingError, match=r"non-finite loss at step \d+"):
+        train(cfg)
+
+
+def test_cli_errors_before_ray(tmp_path):
+    proc = subprocess.run([VITLAB, "train", "jobs/digits_vit.yaml", f"data.path={tmp_path}/none"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "manifest.json" in proc.stderr and "Traceback" not in proc.stderr
