@@ -1,0 +1,57 @@
+"""Optimizer groups, the warmup + cosine schedule, mixup and RandAugment wiring (no Ray needed)."""
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import jpeg_bytes
+from vitlab.config import OptimConfig
+from vitlab.data.transforms import build_randaugment, decode_train, row_rng
+from vitlab.model import create_model
+from vitlab.train.optim import build_loss, build_mixup, build_optimizer, build_schedule, effective_lr
+
+TINY = dict(img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2)
+
+
+@pytest.mark.parametrize("name", ["adamw", "lamb"])
+def test_no_weight_decay_on_norms_biases_pos_embed_and_tokens(name):
+    model = create_model("vit_tiny_patch16_224", 10, TINY)
+    opt = build_optimizer(model, OptimConfig(name=name, weight_decay=0.05), 1e-3)
+    names = {id(p): n for n, p in model.named_parameters()}
+    no_decay = {names[id(p)] for g in opt.param_groups if g["weight_decay"] == 0 for p in g["params"]}
+    decay = {names[id(p)] for g in opt.param_groups if g["weight_decay"] == 0.05 for p in g["params"]}
+    assert {"pos_embed", "cls_token", "norm.weight", "head.bias", "blocks.0.norm1.weight"} <= no_decay
+    assert {"head.weight", "patch_embed.proj.weight", "blocks.0.attn.qkv.weight"} <= decay
+    assert len(no_decay) + len(decay) == len(names)
+
+
+def test_warmup_then_cosine_per_step():
+    optim = OptimConfig(lr=1e-3, warmup_epochs=2, warmup_lr=0.0, min_lr=1e-5)
+    s = build_schedule(optim, optim.lr, steps_per_epoch=10, epochs=10)
+    assert s(0) == 0.0 and s(10) == pytest.approx(5e-4) and s(20) == pytest.approx(1e-3)
+    assert s(60) == pytest.approx(1e-5 + 0.5 * (1e-3 - 1e-5))  # halfway through the cosine
+    assert s(100) == pytest.approx(1e-5)
+    assert all(s(i) >= s(i + 1) for i in range(20, 100))
+
+
+def test_lr_scaling_by_global_batch():
+    assert effective_lr(OptimConfig(lr=5e-4, scale_lr=True), 1024) == pytest.approx(1e-3)
+    assert effective_lr(OptimConfig(lr=5e-4), 1024) == pytest.approx(5e-4)
+
+
+def test_mixup_gives_soft_targets_and_soft_loss():
+    optim = OptimConfig(mixup=0.8, cutmix=1.0, label_smoothing=0.1)
+    mixup = build_mixup(optim, 10)
+    x, y = torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 2, 3])
+    mx, target = mixup(x, y)
+    assert target.shape == (4, 10) and torch.allclose(target.sum(1), torch.ones(4))
+    assert build_loss(optim, mixup)(torch.randn(4, 10), target) > 0
+    assert build_mixup(OptimConfig(), 10) is None
+
+
+def test_randaugment_runs_in_the_decode():
+    aug = build_randaugment("rand-m9-mstd0.5-inc1", 16, (0.5, 0.5, 0.5))
+    data = jpeg_bytes(1, 2, (40, 30))
+    plain = decode_train(data, 16, row_rng(0, 0, "k"))
+    out = decode_train(data, 16, row_rng(0, 0, "k"), augment=aug)
+    assert out.shape == (16, 16, 3) and out.dtype == np.uint8 and plain.shape == out.shape
