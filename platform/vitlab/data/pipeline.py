@@ -75,19 +75,18 @@ def _decode_train_shards(
     order = np.random.default_rng([seed & 0xFFFFFFFF, epoch_n]).permutation(len(files))
     augment = build_randaugment(data.randaugment, data.image_size, data.mean)
     size = data.image_size
-    for start, stop in zip(batch["start"], batch["stop"]):
-        for pos in range(int(start), int(stop)):
-            shard = int(order[pos])
-            table = _read_shard(files[shard])
-            rows = np.random.default_rng([seed & 0xFFFFFFFF, epoch_n, shard]).permutation(table.num_rows)
-            images, labels, keys = (table.column(c).to_pylist() for c in ("image", "label", "key"))
-            for part in _blocks(len(rows), data.block_rows):
-                take = rows[part]
-                out = np.empty((len(take), size, size, 3), dtype=np.uint8)
-                for j, r in enumerate(take):
-                    rng = row_rng(seed, epoch_n, keys[r])
-                    out[j] = decode_train(images[r], size, rng, data.scale, data.ratio, data.hflip, augment)
-                yield {"image": out, "label": np.asarray([labels[r] for r in take], dtype=np.int64)}
+    for idx in batch["shard"]:
+        shard = int(order[int(idx)])
+        table = _read_shard(files[shard])
+        rows = np.random.default_rng([seed & 0xFFFFFFFF, epoch_n, shard]).permutation(table.num_rows)
+        images, labels, keys = (table.column(c).to_pylist() for c in ("image", "label", "key"))
+        for part in _blocks(len(rows), data.block_rows):
+            take = rows[part]
+            out = np.empty((len(take), size, size, 3), dtype=np.uint8)
+            for j, r in enumerate(take):
+                rng = row_rng(seed, epoch_n, keys[r])
+                out[j] = decode_train(images[r], size, rng, data.scale, data.ratio, data.hflip, augment)
+            yield {"image": out, "label": np.asarray([labels[r] for r in take], dtype=np.int64)}
 
 
 def _decode_val_shards(
@@ -95,33 +94,18 @@ def _decode_val_shards(
 ) -> Iterator[dict[str, np.ndarray]]:
     data = DataConfig.model_validate(cfg)
     size = data.image_size
-    for start, stop in zip(batch["start"], batch["stop"]):
-        for idx in range(int(start), int(stop)):
-            table = _read_shard(files[idx])
-            images, labels = table.column("image").to_pylist(), table.column("label").to_numpy()
-            for part in _blocks(len(images), data.block_rows):
-                out = np.stack([decode_val(b, size, data.crop_pct) for b in images[part]])
-                yield {"image": out, "label": labels[part].astype(np.int64)}
+    for idx in batch["shard"]:
+        table = _read_shard(files[int(idx)])
+        images, labels = table.column("image").to_pylist(), table.column("label").to_numpy()
+        for part in _blocks(len(images), data.block_rows):
+            out = np.stack([decode_val(b, size, data.crop_pct) for b in images[part]])
+            yield {"image": out, "label": labels[part].astype(np.int64)}
 
 
-def task_ranges(shard_rows: list[int], min_rows: int) -> list[tuple[int, int]]:
-    """Cut shard positions 0..n-1 into consecutive ranges of about equal rows, each at least ``min_rows``
-    rows where the dataset allows: one decode task per range."""
-    import os
-    n = len(shard_rows)
-    total = sum(shard_rows)
-    groups = max(1, min(n, total // max(1, min_rows)))
-    if os.environ.get("VITLAB_GROUPS"):
-        groups = min(n, int(os.environ["VITLAB_GROUPS"]))
-    bounds = np.linspace(0, n, groups + 1).round().astype(int)
-    return [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
-
-
-def _shard_indices(shard_rows: list[int], min_rows: int, deterministic: bool):
+def _shard_indices(n: int, deterministic: bool):
     import ray
 
-    ranges = task_ranges(shard_rows, min_rows)
-    ds = ray.data.from_items([{"start": a, "stop": b} for a, b in ranges], override_num_blocks=len(ranges))
+    ds = ray.data.from_items([{"shard": i} for i in range(n)], override_num_blocks=max(1, n))
     if deterministic:
         ds.context.execution_options.preserve_order = True
     return ds
@@ -132,7 +116,7 @@ def train_dataset(
 ):
     """The train split: RandomResizedCrop + flip (+ RandAugment), reshuffled per epoch."""
     files = manifest.files("train")
-    ds = _shard_indices(manifest.shard_rows("train"), data.block_rows, data.deterministic)
+    ds = _shard_indices(len(files), data.deterministic)
     return ds.map_batches(
         _decode_train_shards,
         batch_size=1,
@@ -144,7 +128,7 @@ def train_dataset(
 def val_dataset(manifest: Manifest, data: DataConfig, decode_cpus: float = 1.0):
     """The val split: resize the shorter side to image_size / crop_pct, center-crop, fixed order."""
     files = manifest.files("val")
-    ds = _shard_indices(manifest.shard_rows("val"), data.block_rows, True)
+    ds = _shard_indices(len(files), True)
     return ds.map_batches(
         _decode_val_shards,
         batch_size=1,
