@@ -1,9 +1,11 @@
 """MLflow: where every run is recorded and where people look.
 
 The driver creates (or, on resume, finds) the run before training starts, so an unreachable server fails
-fast and the run id is known; rank 0 of the Train workers logs the curves into that run; the driver adds the
-artifacts at the end. Epoch metrics are buffered on rank 0 and flushed only once the epoch's checkpoint is
-reported, so an epoch that is redone after a failure is never logged twice.
+fast and the run id is known. Epoch metrics are logged by a Ray Train callback in the Train controller
+(`EpochMetricsCallback`): it sees each report after its checkpoint is registered and before anything else
+hears of it (a sweep's scheduler, which may stop the trial at once), buffers epochs until a checkpoint
+covers them and logs each epoch at most once, so an epoch redone after a failure is never logged twice.
+Rank 0 of the Train workers logs the per-step curve and system metrics; the driver adds the artifacts.
 """
 
 from __future__ import annotations
@@ -124,8 +126,60 @@ def _param_value(v: Any) -> str:
     return s if len(s) <= 6000 else s[:5997] + "..."
 
 
-class EpochLogger:
-    """Rank 0's MLflow logger inside a Train worker: buffers metrics until the epoch is checkpointed."""
+EPOCH_PROBE = "val_top1"  # every epoch report carries it; its history says which epochs a run already has
+NOT_LOGGED = ("epoch", "step")
+
+
+def _log_metrics(client, run_id: str, items: list[tuple[str, float, int]]) -> None:
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    metrics = [Metric(k, v, now, s) for k, v, s in items]
+    for i in range(0, len(metrics), 1000):  # MLflow's per-call limit
+        client.log_batch(run_id, metrics=metrics[i : i + 1000])
+
+
+class EpochMetricsCallback:
+    """Ray Train callback (runs in the Train controller): rank 0's epoch metrics -> the MLflow run.
+
+    Epochs reported without a checkpoint wait until one covers them (a failure before that sends training
+    back, and the epoch is trained again); epochs the run already holds are skipped (a resumed run).
+    """
+
+    def __new__(cls, *args, **kwargs):
+        from ray.train.v2.api.callback import UserCallback
+
+        class _Impl(UserCallback):
+            def __init__(self, uri: str, run_id: str):
+                self.uri, self.run_id = uri, run_id
+                self.pending: list[tuple[int, dict[str, float]]] = []
+
+            def after_report(self, run_context, metrics, checkpoint):
+                rank0 = metrics[0]
+                self.pending.append((int(rank0["epoch"]), {k: float(v) for k, v in rank0.items()
+                                                          if k not in NOT_LOGGED and isinstance(v, (int, float))}))
+                if checkpoint is not None:
+                    self.flush()
+
+            def after_exception(self, run_context, worker_exceptions):
+                self.pending.clear()  # training goes back to the last checkpoint: these epochs are redone
+
+            def flush(self) -> None:
+                import mlflow
+
+                client = mlflow.MlflowClient(tracking_uri=self.uri)
+                have = {m.step for m in client.get_metric_history(self.run_id, EPOCH_PROBE)}
+                items = [(k, v, epoch) for epoch, values in self.pending if epoch not in have
+                         for k, v in values.items()]
+                _log_metrics(client, self.run_id, items)
+                self.pending.clear()
+
+        return _Impl(*args, **kwargs)
+
+
+class StepLogger:
+    """Rank 0's MLflow logger inside a Train worker: per-step curves (buffered until the epoch is
+    checkpointed) and MLflow system metrics."""
 
     def __init__(self, uri: str, run_id: str, system_metrics: bool):
         import mlflow
@@ -148,21 +202,8 @@ class EpochLogger:
         self.pending.extend((k, float(v), step) for k, v in metrics.items())
 
     def flush(self) -> None:
-
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        items = [Metric(k, v, now, s) for k, v, s in self.pending]
-        for i in range(0, len(items), 1000):
-            self.client.log_batch(self.run_id, metrics=items[i : i + 1000])
+        _log_metrics(self.client, self.run_id, self.pending)
         self.pending.clear()
-
-    def log_if_missing(self, metrics: dict[str, Any], step: int, probe: str = "val_top1") -> None:
-        """Log a restored checkpoint's epoch metrics unless the run already has that epoch."""
-        if any(m.step == step for m in self.client.get_metric_history(self.run_id, probe)):
-            return
-        self.add({k: v for k, v in metrics.items() if k not in ("epoch", "step")}, step)
-        self.flush()
 
     def close(self) -> None:
         if self._sys is not None:

@@ -1,7 +1,8 @@
 """train_loop_per_worker: the seed's DDP loop, grown up. Reads top to bottom:
 
 set up -> restore (Ray's latest checkpoint, or --resume-from) -> for each epoch: train steps, evaluate,
-report metrics + checkpoint through ray.train.report (a barrier every worker reaches), log on rank 0.
+report metrics + checkpoint through ray.train.report (a barrier every worker reaches). The epoch metrics
+reach MLflow from the Train controller (tracking.EpochMetricsCallback); rank 0 logs the per-step curve.
 """
 
 from __future__ import annotations
@@ -214,13 +215,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     loss_fn = build_loss(cfg.optim, mixup)
 
     # -- restore ---------------------------------------------------------------------------------------
-    start_epoch, step, restored_metrics = 0, 0, None
+    start_epoch, step = 0, 0
     checkpoint, origin = _restore_point(inputs)
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             saved = ckpt.load_state(d)
-            # only this run's own epochs belong in its MLflow run (not a --resume-from source's)
-            restored_metrics = ckpt.load_metrics(d) if origin == OWN_CHECKPOINT else None
         ckpt.restore(saved, model, optimizer, scaler, rank)
         start_epoch, step = int(saved["epoch"]), int(saved["step"])
         if rank == 0:
@@ -233,13 +232,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         model = torch.compile(model)
     logger = None
     if rank == 0 and inputs.run_id:
-        from vitlab.tracking import EpochLogger
+        from vitlab.tracking import StepLogger
 
-        logger = EpochLogger(inputs.tracking_uri, inputs.run_id, cfg.tracking.system_metrics)
+        logger = StepLogger(inputs.tracking_uri, inputs.run_id, cfg.tracking.system_metrics)
+    if rank == 0:
         ray.get(inputs.epoch_clock.set.remote(start_epoch))
-        if restored_metrics:
-            # A failure between registering the checkpoint and flushing its metrics would lose that epoch.
-            logger.log_if_missing(restored_metrics, step=start_epoch)
     if dist.is_initialized():
         dist.barrier()  # every worker starts reading only once the epoch clock is set
 
@@ -275,8 +272,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     "data wait %.0f%%", done, cfg.train.epochs, metrics["train_loss"], metrics["val_loss"],
                     metrics["val_top1"], metrics["val_top5"], metrics["images_per_s"], 100 * metrics["data_wait"],
                 )
-                if logger is not None:
-                    logger.add({k: v for k, v in metrics.items() if k not in ("epoch", "step")}, done)
                 if save:
                     checkpoint_dir = ckpt.write_checkpoint_dir(
                         model=model, optimizer=optimizer, scaler=scaler, epoch=done, step=step,
@@ -288,7 +283,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 shutil.rmtree(checkpoint_dir, ignore_errors=True)  # persisted to run storage by now
             if logger is not None and save:
                 # Wait until the controller has registered the checkpoint: only then can a failure no longer
-                # send training back before this epoch, so only then are its metrics logged.
+                # send training back before these steps, so only then are their metrics logged.
                 ray.train.get_all_reported_checkpoints()
                 logger.flush()
     finally:

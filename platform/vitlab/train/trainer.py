@@ -206,7 +206,7 @@ def train(cfg: JobConfig, resume_from: str | None = None, parent_run_id: str | N
     key so a trial restarted under another Train run (a PBT exploit) keeps its one MLflow run."""
     from vitlab.cluster import connect
     from vitlab.data.pipeline import start_epoch_clock
-    from vitlab.tracking import end_run, start_run
+    from vitlab.tracking import EpochMetricsCallback, end_run, start_run
 
     start = time.perf_counter()
     if cfg.run.name is None:
@@ -220,6 +220,9 @@ def train(cfg: JobConfig, resume_from: str | None = None, parent_run_id: str | N
                                 resume=tracking_key is not None or has_checkpoints(run_dir(cfg)))
     log.info("MLflow run %s (%s) at %s", run_id, "resumed" if resumed else "new", uri)
     clock = start_epoch_clock()
+    # The MLflow logger first: a sweep's forwarding callback after it hands the epoch to Tune, whose
+    # scheduler may stop the trial at once; by then the epoch is in MLflow.
+    callbacks = [EpochMetricsCallback(uri, run_id), *(callbacks or [])]
     trainer = build_trainer(cfg, manifest, run_id, uri, resume_from, clock, callbacks)
     try:
         result = trainer.fit()
@@ -262,7 +265,7 @@ def finish(cfg: JobConfig, manifest: Manifest, uri: str, run_id: str, result, st
     best_ckpt, best_metrics = _best(result)
     latest = result.metrics or {}
     if not latest and result.checkpoint is not None:
-        latest = json.loads((Path(result.checkpoint.path) / state.METRICS_FILE).read_text())
+        latest = state.load_metrics(result.checkpoint.path) or {}
     best_dir = Path(best_ckpt.path)
     saved = state.load_state(best_dir)
     kwargs = timm_kwargs(cfg)
