@@ -1,7 +1,10 @@
 """Sweeps: search-space parsing and its errors, and a tiny ASHA sweep tracked as MLflow parent + children."""
 
 import json
+import os
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 import mlflow
@@ -13,6 +16,15 @@ from vitlab.errors import ConfigError
 from vitlab.tune.space import load_space
 
 ROOT = Path(__file__).resolve().parents[1]
+JOB = ROOT / "jobs" / "digits_vit.yaml"
+
+
+def tiny(tmp_path, digits_dir, *extra):
+    """Overrides of jobs/digits_vit.yaml for a trial of a few seconds an epoch."""
+    return [f"data.path={digits_dir}", "data.image_size=16", "model.kwargs.embed_dim=32", "model.kwargs.depth=1",
+            "model.kwargs.num_heads=2", "train.batch_size=64", "scaling.num_workers=1", "optim.warmup_epochs=0",
+            "tracking.system_metrics=false", f"run.storage_path={tmp_path / 'runs'}",
+            f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", "run.name=tiny", *extra]
 
 
 def write(tmp_path, text):
@@ -73,11 +85,7 @@ scheduler: {name: asha, grace_period: 1, reduction_factor: 2}
 params:
   optim.lr: {choice: [1.0e-5, 2.0e-5, 3.0e-3, 4.0e-3]}
 """)
-    base = load_job(ROOT / "jobs" / "digits_vit.yaml", [
-        f"data.path={digits_dir}", "data.image_size=16", "model.kwargs.embed_dim=32", "model.kwargs.depth=1",
-        "model.kwargs.num_heads=2", "train.epochs=4", "train.batch_size=64", "scaling.num_workers=1",
-        "optim.warmup_epochs=0", "tracking.system_metrics=false", f"run.storage_path={tmp_path / 'runs'}",
-        f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", "run.name=tiny"])
+    base = load_job(JOB, tiny(tmp_path, digits_dir, "train.epochs=4"))
     spec = load_space(space)
     report = run_sweep(base, spec, str(space))
     trials = report["trials"]
@@ -105,3 +113,106 @@ params:
     for child in children:
         assert child.data.params["optim.lr"] in {"1e-05", "2e-05", "0.003", "0.004"}
         assert client.get_metric_history(child.info.run_id, "val_top1")
+
+
+def _children(uri, parent_name):
+    """The sweep's child runs (by trial run name) once its parent run exists."""
+    client = mlflow.MlflowClient(uri)
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    parents = client.search_runs(experiments, filter_string=f"attributes.run_name = '{parent_name}'")
+    if not parents:
+        return {}
+    runs = client.search_runs([parents[0].info.experiment_id],
+                              filter_string=f"tags.mlflow.parentRunId = '{parents[0].info.run_id}'")
+    return {r.info.run_name: r for r in runs}
+
+
+def test_resume_after_killing_the_driver(ray_session, digits_dir, tmp_path):
+    """SIGKILL the sweep driver once a trial has finished and the next one has a checkpoint; --resume then
+    finishes the sweep without training the finished trial again, and the unfinished one continues."""
+    space = write(tmp_path, """
+metric: val_top1
+mode: max
+num_samples: 3
+max_concurrent_trials: 1
+scheduler: {name: fifo}
+params:
+  optim.lr: {grid: [1.0e-3, 2.0e-3, 3.0e-3]}
+""")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cmd = [VITLAB, "sweep", str(JOB), str(space), *tiny(tmp_path, digits_dir, "train.epochs=3")]
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
+    log = (tmp_path / "first.log").open("w")
+    driver = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    finished_before: dict[str, int] = {}
+    try:
+        deadline = time.time() + 420
+        while time.time() < deadline and driver.poll() is None:
+            children = _children(uri, "tiny-space")
+            done = {n: r for n, r in children.items() if r.info.status == "FINISHED"}
+            running = [r for r in children.values() if r.info.status == "RUNNING"
+                       and "val_top1" in r.data.metrics]
+            if done and running:
+                finished_before = {n: r.info.end_time for n, r in done.items()}
+                break
+            time.sleep(1.0)
+    finally:
+        driver.send_signal(signal.SIGKILL)
+        driver.wait(timeout=60)
+    first_log = (tmp_path / "first.log").read_text()
+    assert finished_before, f"no finished trial with a running one after it: {first_log[-3000:]}"
+
+    out = tmp_path / "resumed.json"
+    proc = subprocess.run([*cmd, "--resume", "--output-json", str(out)], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert [t["status"] for t in report["trials"]] == ["completed"] * 3
+    assert "restored from latest checkpoint of this run" in proc.stdout + proc.stderr
+    children = _children(uri, "tiny-space")
+    assert len(children) == 3
+    for name, end_time in finished_before.items():
+        assert children[name].info.end_time == end_time, f"{name} was trained again"
+    client = mlflow.MlflowClient(uri)
+    for run in children.values():  # every epoch logged exactly once, across the kill
+        steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "val_top1"))
+        assert steps == [1, 2, 3], (run.info.run_name, steps)
+
+
+def test_pbt_exploit_continues_from_the_donor_checkpoint(ray_session, digits_dir, tmp_path):
+    """The worse trial restarts from the better trial's checkpoint: its new Train run begins where the
+    donor's checkpoint ended (epoch and optimizer step), not at epoch 1."""
+    import torch
+
+    from vitlab.train.state import load_state
+    from vitlab.tune.sweep import run_sweep
+
+    space = write(tmp_path, """
+metric: val_top1
+mode: max
+num_samples: 2
+max_concurrent_trials: 2
+scheduler:
+  name: pbt
+  perturbation_interval: 1
+  quantile_fraction: 0.5
+  resample_probability: 0.0
+  synch: true
+  hyperparam_mutations:
+    optim.lr: {choice: [1.0e-7, 3.0e-3]}
+params:
+  optim.lr: {grid: [1.0e-7, 3.0e-3]}
+""")
+    base = load_job(JOB, tiny(tmp_path, digits_dir, "train.epochs=3", "run.name=pbt"))
+    report = run_sweep(base, load_space(space), str(space))
+    trials_dir = Path(report["sweep_dir"]) / "trials"
+    exploited = sorted(trials_dir.glob("*_g*"))
+    assert exploited, f"no trial exploited a donor: {sorted(p.name for p in trials_dir.iterdir())}"
+    steps_per_epoch = 1437 // 64  # digits train rows // batch, one worker
+    for run in exploited:
+        first = min(run.glob("checkpoint_*"))
+        state = load_state(first)
+        assert state["epoch"] >= 2, f"{run.name} started from scratch (epoch {state['epoch']})"
+        assert state["step"] == state["epoch"] * steps_per_epoch
+        assert isinstance(state["model"], dict) and all(isinstance(v, torch.Tensor) for v in state["model"].values())
+    assert {t["epochs_run"] for t in report["trials"]} <= {3}

@@ -33,6 +33,12 @@ POINTER_FILE = "train_checkpoint.json"
 BEST_FILE = "best.yaml"
 
 
+class SweepInterrupted(UserError):
+    """The driver was interrupted (Ctrl-C); Tune saved the sweep's state for --resume."""
+
+    exit_code = 130
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Trial side
 
@@ -268,6 +274,7 @@ def run_sweep(base: JobConfig, spec: SweepSpec, space_path: str, resume: bool = 
     """Run (or with ``resume`` continue) the sweep; returns what --output-json writes."""
     from ray import tune
 
+    from vitlab import tracking
     from vitlab.cluster import connect
     from vitlab.tracking import start_run
     from vitlab.train.trainer import _run_tags, preflight, storage_root
@@ -317,7 +324,22 @@ def run_sweep(base: JobConfig, spec: SweepSpec, space_path: str, resume: bool = 
                                       failure_config=tune.FailureConfig(max_failures=0)),
         )
     grid = tuner.fit()
+    finished = grid.num_terminated + grid.num_errors
+    if finished < expected_trials(spec):
+        # Tune returns normally after Ctrl-C (it saved its state): this is not the sweep's end.
+        tracking.end_run(uri, parent_id, "KILLED")
+        raise SweepInterrupted(f"sweep {name} interrupted with {finished} of {expected_trials(spec)} trials "
+                               f"finished; continue it with the same command and --resume")
     return _finish(base, spec, grid, uri, parent_id, sweep_dir, time.perf_counter() - start)
+
+
+def expected_trials(spec: SweepSpec) -> int:
+    """num_samples, times every grid's size (Tune repeats the whole grid num_samples times)."""
+    n = spec.num_samples
+    for dist in spec.params.values():
+        if "grid" in dist:
+            n *= len(dist["grid"])
+    return n
 
 
 def _rows(grid, spec: SweepSpec, epochs: int) -> list[TrialRow]:
