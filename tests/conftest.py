@@ -14,8 +14,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 def ray_session():
     import ray
 
+    from vitlab.cluster import start_local
+
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1")
+        start_local(num_cpus=2)
     from ray.data import DataContext
 
     DataContext.get_current().enable_progress_bars = False

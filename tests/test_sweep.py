@@ -51,6 +51,8 @@ def test_shipped_spaces_parse():
     ("scheduler: {name: asha2}\nparams:\n  optim.lr: {choice: [0.1]}\n", r"scheduler\.name.*asha"),
     ("mode: up\nparams:\n  optim.lr: {choice: [0.1]}\n", r"mode: expected max or min"),
     ("metrik: val_top1\nparams:\n  optim.lr: {choice: [0.1]}\n", r"unknown key 'metrik'.*metric"),
+    ("search: {name: random, include_bse: true}\nparams:\n  optim.lr: {choice: [0.1]}\n", r"search\.include_bse"),
+    ("search: {name: random, include_base: true}\nparams:\n  optim.lr: {grid: [0.1, 0.2]}\n", r"not with a grid"),
     ("scheduler: {name: pbt, hyperparam_mutations: {optim.lrx: {uniform: [0.1, 0.2]}}}\n"
      "params:\n  optim.lr: {choice: [0.1]}\n", r"optim\.lrx"),
 ])
@@ -65,6 +67,18 @@ def test_trial_values_are_checked_against_the_schema(tmp_path):
     spec = load_space(write(tmp_path, "params:\n  train.epochs: {choice: [2, 'many']}\n"))
     with pytest.raises(ConfigError, match=r"train\.epochs"):
         check_trial_values(load_job(None), spec)
+
+
+def test_include_base_tries_the_job_values_first(tmp_path):
+    from vitlab.tune.sweep import _search_alg
+
+    spec = load_space(write(tmp_path, "search: {name: random, include_base: true}\nparams:\n"
+                                      "  optim.lr: {loguniform: [1.0e-4, 1.0e-2]}\n"
+                                      "  model.kwargs.depth: {choice: [2, 4]}\n"))
+    base = load_job(JOB)
+    alg = _search_alg(spec, base, concurrency=1)
+    assert alg._points_to_evaluate == [{"optim.lr": base.optim.lr, "model.kwargs.depth": base.model.kwargs["depth"]}]
+    assert alg.max_concurrent == 1  # Tune leaves a BasicVariantGenerator instance unlimited otherwise
 
 
 def test_cli_misspelt_key_exit_2(tmp_path):
@@ -133,7 +147,7 @@ def test_resume_after_killing_the_driver(ray_session, digits_dir, tmp_path):
     space = write(tmp_path, """
 metric: val_top1
 mode: max
-num_samples: 3
+num_samples: 1   # x the grid's 3 values
 max_concurrent_trials: 1
 scheduler: {name: fifo}
 params:
@@ -190,7 +204,7 @@ def test_pbt_exploit_continues_from_the_donor_checkpoint(ray_session, digits_dir
     space = write(tmp_path, """
 metric: val_top1
 mode: max
-num_samples: 2
+num_samples: 1   # x the grid's 2 values
 max_concurrent_trials: 2
 scheduler:
   name: pbt

@@ -5,7 +5,7 @@
     num_samples: 8
     max_concurrent_trials: auto        # cluster resources / resources of one trial
     scheduler: {name: asha, grace_period: 2, reduction_factor: 3}   # hyperband, pbt, fifo
-    search: {name: random}             # grid, optuna (TPE)
+    search: {name: random}             # grid, optuna (TPE); include_base: true tries the job's own values first
     params:
       optim.lr: {loguniform: [1.0e-4, 1.0e-2]}
       model.kwargs.depth: {choice: [2, 4, 6]}
@@ -122,6 +122,14 @@ def load_space(path: str | Path, num_samples: int | None = None) -> SweepSpec:
     if grids and spec.search["name"] not in ("random", "grid"):
         raise ConfigError(f"{source}: params.{grids[0]}: grid needs search.name random or grid, "
                           f"not {spec.search['name']}")
+    unknown = sorted(set(spec.search) - {"name", "include_base"})
+    if unknown:
+        raise ConfigError(f"{source}: search.{unknown[0]}: unknown key; expected name, include_base")
+    if not isinstance(spec.search.get("include_base", False), bool):
+        raise ConfigError(f"{source}: search.include_base: expected true or false, "
+                          f"got {spec.search['include_base']!r}")
+    if spec.search.get("include_base") and grids:
+        raise ConfigError(f"{source}: search.include_base: not with a grid (params.{grids[0]})")
     return spec
 
 

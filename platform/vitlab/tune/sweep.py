@@ -179,13 +179,24 @@ def _scheduler(spec: SweepSpec, max_t: int):
     )
 
 
-def _search_alg(spec: SweepSpec, seed: int):
+def _search_alg(spec: SweepSpec, base: JobConfig, concurrency: int):
+    """Tune's search algorithm. With ``search.include_base`` the first trial is the base job's own values of
+    the searched keys (Tune's points_to_evaluate; it counts toward num_samples), so a sweep never ends below
+    the config it set out to improve on."""
+    points = None
+    if spec.search.get("include_base"):
+        flat = base.flat()
+        points = [{k: flat[k] for k in spec.params if k in flat}]
     name = spec.search["name"]
     if name in ("random", "grid"):
-        return None  # Tune's BasicVariantGenerator: random samples, grid_search expanded
+        # Tune's BasicVariantGenerator: random samples, grid_search expanded
+        from ray.tune.search import BasicVariantGenerator
+
+        # Tune wraps only Searchers (Optuna) in its ConcurrencyLimiter: this one takes the limit itself.
+        return None if points is None else BasicVariantGenerator(points_to_evaluate=points, max_concurrent=concurrency)
     from ray.tune.search.optuna import OptunaSearch
 
-    return OptunaSearch(seed=seed)
+    return OptunaSearch(seed=base.train.seed, points_to_evaluate=points)
 
 
 def check_trial_values(base: JobConfig, spec: SweepSpec) -> None:
@@ -318,7 +329,7 @@ def run_sweep(base: JobConfig, spec: SweepSpec, space_path: str, resume: bool = 
             tune_config=tune.TuneConfig(
                 metric=spec.metric, mode=spec.mode, num_samples=spec.num_samples,
                 max_concurrent_trials=concurrency, scheduler=_scheduler(spec, base.train.epochs),
-                search_alg=_search_alg(spec, base.train.seed),
+                search_alg=_search_alg(spec, base, concurrency),
             ),
             run_config=tune.RunConfig(name=name, storage_path=storage_root(base), callbacks=[callback],
                                       failure_config=tune.FailureConfig(max_failures=0)),
