@@ -205,3 +205,38 @@ def test_synth_tree_is_textured_jpegs(tmp_path):
     assert len(files) == 4 and len(list((out / "val").rglob("*.JPEG"))) == 2
     arr = np.asarray(Image.open(files[0]))
     assert arr.shape == (48, 64, 3) and arr.std() > 10
+
+
+@pytest.mark.parametrize("split_dirs", [True, False], ids=["imagenet", "folders"])
+def test_uri_source_matches_local_path(ray_session, tmp_path, split_dirs):
+    """The same tree prepared from its path and from its file:// URI (pyarrow.fs, as for s3://) agrees."""
+    classes = ["n02", "n01", "n10"] if split_dirs else ["dog", "cat", "Zebra"]
+    src = make_class_tree(tmp_path / "src tree", classes, per_class=5, val_per_class=2, split_dirs=split_dirs)
+    faults = src / "train" / classes[0] if split_dirs else src / classes[0]
+    (faults / "empty.JPEG").write_bytes(b"")
+    (faults / "notes.txt").write_text("not an image")
+    (faults / "nested").mkdir()
+    (faults / "nested" / "deep.JPEG").write_bytes(jpeg_bytes(0, 99))
+
+    local = prepare(str(src), str(tmp_path / "out_local"), val_fraction=0.3)
+    uri = prepare(src.as_uri(), str(tmp_path / "out_uri"), val_fraction=0.3)
+    check_manifest_matches_shards(tmp_path / "out_uri")
+    assert uri["source"] == src.as_uri()
+    assert uri["format"] == local["format"] == ("imagenet" if split_dirs else "folders")
+    assert uri["classes"] == local["classes"] == sorted(classes) and uri["wnids"] == local["wnids"]
+    for split in ("train", "val"):
+        assert uri["splits"][split]["rows"] == local["splits"][split]["rows"] > 0
+        a, b = read_split(tmp_path / "out_local", split), read_split(tmp_path / "out_uri", split)
+        rows_a = sorted(zip(a["key"], a["label"], a["image"], strict=True))
+        assert rows_a == sorted(zip(b["key"], b["label"], b["image"], strict=True))
+    assert uri["rejects"] == local["rejects"]
+    assert {Path(r["path"]).name for r in uri["rejects"]} == {"empty.JPEG", "notes.txt"}
+
+
+def test_cli_missing_uri_source_exit_2_one_line(tmp_path):
+    proc = subprocess.run([VITLAB, "data", "prepare", "file:///nonexistent", "--out", str(tmp_path / "o")],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert "file:///nonexistent: source not found" in proc.stderr
+    assert "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1
+    assert not (tmp_path / "o").exists()

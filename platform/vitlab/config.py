@@ -99,6 +99,10 @@ class ScalingSection(Section):
     cpus_per_worker: float = Field(1.0, gt=0.0)
     gpus_per_worker: float = Field(1.0, ge=0.0)
     accelerator_type: str | None = None
+    # How Ray places the workers' bundles: PACK fills a node first (fastest DDP within a node); SPREAD and
+    # STRICT_SPREAD put workers on different nodes (STRICT_SPREAD waits until there is one node per worker),
+    # e.g. one worker per multi-GPU node with gpus_per_worker set to the node's GPU count.
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
 
 
 class TrackingConfig(Section):

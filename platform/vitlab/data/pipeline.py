@@ -45,9 +45,14 @@ class EpochClock:
 
 
 def start_epoch_clock(epoch: int = 0):
+    """The clock lives on the driver's node, as Ray Train's own controller and dataset helpers do: a 0-CPU actor
+    may otherwise land on any worker node, and losing that node would kill the clock and with it every restart
+    of the run (seen when a node was removed mid-training)."""
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    return ray.remote(num_cpus=0)(EpochClock).remote(epoch)
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    return ray.remote(num_cpus=0, scheduling_strategy=here)(EpochClock).remote(epoch)
 
 
 def _current_epoch(epoch: EpochSource) -> int:

@@ -121,10 +121,37 @@ def _read_bytes(fs: pafs.FileSystem | None, path: str) -> bytes:
         return f.read()
 
 
+class _InputFilesystems:
+    """The filesystems a task reads item URIs through, opened once per task rather than per file. Items
+    are '<source URI>/<key>': the source URI (which keeps any ?query options) is opened once and the keys
+    are appended to its path as they are, so names that are not valid in a URI still read."""
+
+    def __init__(self, source_uri: str | None = None):
+        self._by_prefix: list[tuple[str, pafs.FileSystem, str]] = []  # (URI prefix, filesystem, path prefix)
+        if source_uri:
+            fs, root = pafs.FileSystem.from_uri(source_uri)
+            self._by_prefix.append((source_uri.split("?", 1)[0].rstrip("/") + "/", fs, root.rstrip("/") + "/"))
+
+    def resolve(self, path: str) -> tuple[pafs.FileSystem | None, str]:
+        """(filesystem, path in it) for an item path; (None, path) for a local file."""
+        if not _is_uri(path):
+            return None, path
+        for prefix, fs, inner_prefix in self._by_prefix:
+            if path.startswith(prefix):
+                return fs, inner_prefix + path[len(prefix):]
+        try:
+            fs, inner = pafs.FileSystem.from_uri(path)
+        except ValueError as e:  # ArrowInvalid: a URI pyarrow cannot parse
+            raise OSError(str(e)) from None
+        if inner and path.endswith(inner):  # remember the scheme://authority part for the next items
+            self._by_prefix.append((path[: len(path) - len(inner)], fs, ""))
+        return fs, inner
+
+
 def write_shard(chunk: dict[str, Any], out_uri: str, opts: EncodeOptions) -> dict[str, Any]:
     """Ray task body: one chunk of items -> one Parquet shard. Returns the shard's summary row."""
     fs, root = pafs.FileSystem.from_uri(out_uri)
-    in_fs = None  # local paths are read with open(); URIs would set a filesystem here
+    inputs = _InputFilesystems(chunk.get("source_uri"))  # local paths are read with open()
     rows: dict[str, list] = {name: [] for name in SCHEMA.names}
     rejects, actions = [], {}
     paths, pixels = chunk["paths"], chunk["pixels"]
@@ -134,7 +161,7 @@ def write_shard(chunk: dict[str, Any], out_uri: str, opts: EncodeOptions) -> dic
                 shape = (int(chunk["heights"][i]), int(chunk["widths"][i]))
                 data, h, w, action = encode_pixels(pixels[i], shape, opts)
             else:
-                data, h, w, action = encode_image(_read_bytes(in_fs, paths[i]), opts)
+                data, h, w, action = encode_image(_read_bytes(*inputs.resolve(paths[i])), opts)
         except Rejected as e:
             rejects.append({"path": str(key), "split": chunk["split"], "reason": str(e)})
             continue
@@ -177,15 +204,17 @@ def plan_shards(listing: Listing, shard_rows: int, seed: int) -> list[dict[str, 
             items = [items[i] for i in np.random.default_rng(seed).permutation(len(items))]
         n_shards = max(1, -(-len(items) // shard_rows)) if items else 0
         for s, part in enumerate(np.array_split(np.arange(len(items)), n_shards) if n_shards else []):
-            chunks.append(_chunk(split, f"{split}-{s:05d}-of-{n_shards:05d}", [items[i] for i in part]))
+            shard = f"{split}-{s:05d}-of-{n_shards:05d}"
+            chunks.append(_chunk(split, shard, [items[i] for i in part], listing.uri))
     return chunks
 
 
-def _chunk(split: str, shard: str, items: list[Item]) -> dict[str, Any]:
+def _chunk(split: str, shard: str, items: list[Item], source_uri: str | None = None) -> dict[str, Any]:
     in_memory = any(it.pixels is not None for it in items)
     return {
         "split": split,
         "shard": shard,
+        "source_uri": source_uri,  # items are URIs under it: the task opens its filesystem once
         "keys": [it.key for it in items],
         "labels": [it.label for it in items],
         "paths": [it.path for it in items],

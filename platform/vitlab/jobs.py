@@ -1,0 +1,429 @@
+"""Ray Jobs SDK: submit a vitlab command to a Ray cluster, follow its logs, and list, inspect or stop jobs.
+
+``vitlab submit -- train jobs/x.yaml optim.lr=3e-4`` runs ``python -m vitlab.cli train jobs/x.yaml ...`` as a
+Ray job. What travels with it (the runtime environment):
+
+* ``working_dir``: a filtered copy of the local working directory (the repo without data, runs, MLflow
+  stores, virtualenvs, .git), so job and search-space files resolve as they do locally;
+* ``py_modules``: the vitlab package that is running this command, so the job driver and every Train worker,
+  Tune trial and Ray Data task import the code you submitted, not an older copy installed on the nodes;
+* ``env_vars``: tracking settings (``--tracking-uri`` -> MLFLOW_TRACKING_URI, ``--storage-path`` ->
+  VITLAB_STORAGE_PATH, ``--env KEY=VALUE``) and the job id. Left out, the cluster's own values apply
+  (cluster.yaml sets both on every node).
+
+Token authentication is on by default for clusters started with ``ray start --head`` in Ray 2.60. The token
+is taken from the standard places, in Ray's own order: ``$RAY_AUTH_TOKEN``, the file named by
+``$RAY_AUTH_TOKEN_PATH``, ``~/.ray/auth_token`` (``RAY_AUTH_MODE=disabled`` sends none). A missing or refused
+token is one line saying where the token was looked for and how to get the right one (exit code 2).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import shlex
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from vitlab.errors import UserError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_ADDRESS = "http://127.0.0.1:8265"  # the head's dashboard, locally or through `ray dashboard cluster.yaml`
+TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+# Ray refuses runtime-env packages above 512 MiB (its gRPC limit) and uploads them through the head's GCS;
+# a working directory is code and configs, so anything near this size is data that belongs in S3.
+MAX_WORKING_DIR_BYTES = 100 * 1024**2
+# Not uploaded: top-level entries of the working directory ...
+TOP_LEVEL_EXCLUDES = {".git", ".venv", "venv", "data", "runs", "mlruns", "mlartifacts", "mlflow.db",
+                      ".pytest_cache", ".ruff_cache", ".mypy_cache", "build", "dist"}
+# ... and names at any depth (the package's own `vitlab/data` subpackage must stay, hence two lists).
+ANY_LEVEL_EXCLUDES = {"__pycache__", ".DS_Store", ".ipynb_checkpoints"}
+ANY_LEVEL_SUFFIXES = (".pyc", ".egg-info", ".db", ".tmp")
+# Commands that make no sense as a job: a job cannot submit jobs, and the MLflow UI is a local server.
+NOT_AS_JOB = {"submit", "jobs", "ui"}
+TOKEN_HELP = ("set RAY_AUTH_TOKEN, or RAY_AUTH_TOKEN_PATH to a file holding it, or copy the head node's "
+              "~/.ray/auth_token here (`ray get-auth-token` on the head prints it)")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Address and token
+
+
+@dataclass
+class Token:
+    value: str
+    source: str  # where it came from, for error messages
+
+
+def find_token() -> Token | None:
+    """The cluster token from the standard places, in the order Ray's own loader uses."""
+    if os.environ.get("RAY_AUTH_MODE", "").lower() == "disabled":
+        return None
+    value = os.environ.get("RAY_AUTH_TOKEN", "").strip()
+    if value:
+        return Token(value, "$RAY_AUTH_TOKEN")
+    path_env = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    if path_env:
+        path = Path(path_env).expanduser()
+        try:
+            value = path.read_text().strip()
+        except OSError as e:
+            raise UserError(f"RAY_AUTH_TOKEN_PATH={path_env}: cannot read the token file ({e.strerror})") from None
+        if not value:
+            raise UserError(f"RAY_AUTH_TOKEN_PATH={path_env}: the token file is empty")
+        return Token(value, f"RAY_AUTH_TOKEN_PATH={path_env}")
+    default = Path.home() / ".ray" / "auth_token"
+    if default.is_file():
+        value = default.read_text().strip()
+        if value:
+            return Token(value, str(default))
+    return None
+
+
+def resolve_address(address: str | None) -> str:
+    """--address, else $RAY_API_SERVER_ADDRESS, else $RAY_ADDRESS when it is a URL, else the local dashboard."""
+    address = address or os.environ.get("RAY_API_SERVER_ADDRESS")
+    if not address:
+        env = os.environ.get("RAY_ADDRESS", "")
+        address = env if env.startswith(("http://", "https://")) else DEFAULT_ADDRESS
+    if "://" not in address:
+        address = f"http://{address}"
+    return address.rstrip("/")
+
+
+@contextlib.contextmanager
+def _address_env_cleared() -> Iterator[None]:
+    """Ray's SDK lets RAY_ADDRESS / RAY_API_SERVER_ADDRESS override the address it is given; the address
+    resolved here (which already took them into account) must win."""
+    saved = {k: os.environ.pop(k) for k in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS") if k in os.environ}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
+
+
+def _auth_error(address: str, token: Token | None, status: int) -> UserError:
+    if status == 401 or token is None:
+        return UserError(f"the Ray cluster at {address} requires an authentication token and none was found: "
+                         f"{TOKEN_HELP}")
+    return UserError(f"the Ray cluster at {address} refused the token from {token.source}: it is not this "
+                     f"cluster's token; {TOKEN_HELP}")
+
+
+class Jobs:
+    """A JobSubmissionClient with vitlab's address and token rules and one-line errors."""
+
+    def __init__(self, address: str | None = None):
+        from ray.exceptions import AuthenticationError
+        from ray.job_submission import JobSubmissionClient
+
+        self.address = resolve_address(address)
+        self.token = find_token()
+        headers = {"Authorization": f"Bearer {self.token.value}"} if self.token else {}
+        try:
+            with _address_env_cleared():
+                self.client = JobSubmissionClient(self.address, headers=headers)
+        except AuthenticationError as e:
+            raise _auth_error(self.address, self.token, 401 if "Authentication required" in str(e) else 403) \
+                from None
+        except ConnectionError:
+            raise UserError(f"no Ray cluster answers at {self.address} (start one with `ray up cluster.yaml`, "
+                            "open a tunnel with `ray dashboard cluster.yaml`, or pass --address)") from None
+
+    def call(self, method: str, *args, **kwargs):
+        """One SDK call, with auth and unknown-job errors turned into UserError."""
+        from ray.exceptions import AuthenticationError
+
+        try:
+            return getattr(self.client, method)(*args, **kwargs)
+        except AuthenticationError as e:
+            raise _auth_error(self.address, self.token, 401 if "Authentication required" in str(e) else 403) \
+                from None
+        except RuntimeError as e:
+            if "status code 404" in str(e) or "does not exist" in str(e):
+                job = args[0] if args else kwargs.get("job_id", "")
+                raise UserError(f"no job '{job}' on the Ray cluster at {self.address} (vitlab jobs list)") \
+                    from None
+            raise
+
+    def dashboard_url(self, job_id: str) -> str:
+        return f"{self.address}/#/jobs/{job_id}"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# What travels with a job
+
+
+def _excluded(rel: Path) -> bool:
+    name = rel.name
+    if len(rel.parts) == 1 and name in TOP_LEVEL_EXCLUDES:
+        return True
+    return name in ANY_LEVEL_EXCLUDES or name.endswith(ANY_LEVEL_SUFFIXES)
+
+
+def _ignore_spec(root: Path):
+    """The working directory's own .gitignore and .rayignore, matched the way Ray's packager matches them
+    (its vendored gitwildmatch PathSpec), so the size check counts what Ray would upload."""
+    lines = []
+    for name in (".gitignore", ".rayignore"):
+        f = root / name
+        if f.is_file():
+            lines += f.read_text().splitlines()
+    if not lines:
+        return None
+    try:
+        from ray._private.thirdparty.pathspec import PathSpec
+    except ImportError:  # a future Ray moved it: its packager still applies the files on upload
+        return None
+    return PathSpec.from_lines("gitwildmatch", lines)
+
+
+def working_dir_files(root: str | Path) -> list[Path]:
+    """Files of ``root`` that are uploaded as the job's working directory (relative paths, sorted)."""
+    root = Path(root).resolve()
+    spec = _ignore_spec(root)
+    out: list[Path] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        here = Path(dirpath)
+        keep = []
+        for d in sorted(dirnames):
+            rel = (here / d).relative_to(root)
+            if (here / d).is_symlink() or _excluded(rel) or (spec and spec.match_file(f"{rel}/")):
+                continue
+            keep.append(d)
+        dirnames[:] = keep
+        for f in sorted(filenames):
+            rel = (here / f).relative_to(root)
+            if not _excluded(rel) and not (spec and spec.match_file(str(rel))) and (here / f).is_file():
+                out.append(rel)
+    return sorted(out)
+
+
+def _copy_tree(src: Path, files: list[Path], dst: Path) -> int:
+    total = 0
+    for rel in files:
+        target = dst / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src / rel, target)
+        total += target.stat().st_size
+    return total
+
+
+def stage(working_dir: str | Path, dst: Path) -> tuple[Path, Path]:
+    """Copy what the job needs into ``dst``: the filtered working directory and the vitlab package.
+    Returns (working_dir copy, package copy). Raises UserError when the working directory is too big."""
+    import vitlab
+
+    src = Path(working_dir).resolve()
+    if not src.is_dir():
+        raise UserError(f"--working-dir {working_dir}: not a directory")
+    files = working_dir_files(src)
+    sizes = {rel: (src / rel).stat().st_size for rel in files}
+    total = sum(sizes.values())
+    if total > MAX_WORKING_DIR_BYTES:
+        largest = ", ".join(f"{rel} ({n / 1024**2:.0f} MiB)" for rel, n in
+                            sorted(sizes.items(), key=lambda kv: -kv[1])[:3])
+        raise UserError(f"--working-dir {src}: {total / 1024**2:.0f} MiB to upload (limit "
+                        f"{MAX_WORKING_DIR_BYTES // 1024**2} MiB); largest: {largest}. Keep data in S3 or list "
+                        "it in .rayignore")
+    wd = dst / "working_dir"
+    wd.mkdir(parents=True)
+    _copy_tree(src, files, wd)
+    pkg_src = Path(vitlab.__file__).resolve().parent
+    pkg = dst / "py_modules" / "vitlab"
+    pkg_files = [f.relative_to(pkg_src) for f in pkg_src.rglob("*") if f.is_file()
+                 and not any(p in ANY_LEVEL_EXCLUDES for p in f.relative_to(pkg_src).parts)
+                 and not f.name.endswith(ANY_LEVEL_SUFFIXES)]
+    _copy_tree(pkg_src, pkg_files, pkg)
+    log.info("job working dir: %d files, %.1f MiB from %s", len(files), total / 1024**2, src)
+    return wd, pkg
+
+
+def parse_env(items: list[str] | None) -> dict[str, str]:
+    out = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"--env {item}: expected KEY=VALUE")
+        out[key] = value
+    return out
+
+
+def job_env(job_id: str, tracking_uri: str | None = None, storage_path: str | None = None,
+            env: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment variables of the job's processes (driver and every worker)."""
+    from vitlab.train.trainer import STORAGE_ENV
+
+    out = {"PYTHONUNBUFFERED": "1", "VITLAB_RAY_JOB_ID": job_id}
+    if tracking_uri:
+        out["MLFLOW_TRACKING_URI"] = tracking_uri
+    if storage_path:
+        out[STORAGE_ENV] = storage_path
+    out.update(env or {})
+    return out
+
+
+def check_command(argv: list[str], working_dir: str | Path) -> list[str]:
+    """The vitlab command to run, checked here first: a typo or a bad config key fails before upload."""
+    from vitlab.cli import build_parser
+
+    argv = list(argv)
+    if argv and argv[0] == "--":
+        argv = argv[1:]
+    if argv and argv[0] in ("vitlab", "vitlab.cli"):
+        argv = argv[1:]
+    if not argv:
+        raise UserError("submit: no command given; e.g. vitlab submit -- train jobs/digits_vit.yaml")
+    if argv[0] in NOT_AS_JOB:
+        raise UserError(f"submit: 'vitlab {argv[0]}' does not run as a job")
+    args = build_parser().parse_args(argv)  # argparse prints the usage line and exits 2 on a typo
+    job = getattr(args, "job", None)
+    if isinstance(job, str) and not job.startswith(("s3://", "gs://")):
+        from vitlab.config import load_job
+
+        load_job(Path(working_dir) / job, getattr(args, "overrides", None) or [])
+    return argv
+
+
+def new_job_id(command: str) -> str:
+    return f"vitlab-{command}-{datetime.now():%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
+
+
+def _git_metadata(cwd: str | Path) -> dict[str, str]:
+    """The submitted code's commit, kept in the job's metadata (the working dir travels without .git)."""
+    from vitlab.tracking import git_info
+
+    return git_info(str(cwd))
+
+
+def submit(argv: list[str], address: str | None = None, working_dir: str | Path = ".", wait: bool = True,
+           tracking_uri: str | None = None, storage_path: str | None = None, env: dict[str, str] | None = None,
+           python: str = "python", job_id: str | None = None, out=None) -> int:
+    """Submit ``vitlab <argv>`` as a Ray job; with ``wait``, stream its logs until it ends. Returns the exit
+    code: 0 only if the job SUCCEEDED (or, without ``wait``, was accepted)."""
+    out = out or sys.stdout
+    argv = check_command(argv, working_dir)
+    jobs = Jobs(address)
+    job_id = job_id or new_job_id(argv[0])
+    entrypoint = shlex.join([python, "-m", "vitlab.cli", *argv])
+    with tempfile.TemporaryDirectory(prefix="vitlab-submit-") as tmp:
+        wd, pkg = stage(working_dir, Path(tmp))
+        runtime_env: dict[str, Any] = {
+            "working_dir": str(wd),
+            "py_modules": [str(pkg)],
+            "env_vars": job_env(job_id, tracking_uri, storage_path, env),
+        }
+        metadata = {"vitlab.command": shlex.join(argv), **_git_metadata(working_dir)}
+        # The upload happens inside submit_job, so the staged copy may go when it returns.
+        jobs.call("submit_job", entrypoint=entrypoint, submission_id=job_id, runtime_env=runtime_env,
+                  metadata=metadata)
+    print(f"submitted job {job_id} to {jobs.address}: {entrypoint}", file=out, flush=True)
+    print(f"dashboard: {jobs.dashboard_url(job_id)}", file=out, flush=True)
+    if not wait:
+        print(f"follow it: vitlab jobs logs {job_id} --follow   stop it: vitlab jobs stop {job_id}", file=out)
+        return 0
+    return follow(jobs, job_id, out)
+
+
+def follow(jobs: Jobs, job_id: str, out=None) -> int:
+    """Stream a job's logs until it ends; print its final status last. 0 only if it SUCCEEDED."""
+    out = out or sys.stdout
+    start = time.time()
+
+    async def tail() -> None:
+        async for chunk in jobs.client.tail_job_logs(job_id):
+            out.write(chunk)
+            out.flush()
+
+    try:
+        asyncio.run(tail())
+    except KeyboardInterrupt:
+        print(f"\nvitlab: stopped following; job {job_id} goes on (vitlab jobs stop {job_id} ends it)",
+              file=sys.stderr)
+        raise
+    except Exception as e:  # the log stream broke (head restarted, tunnel closed): fall back to polling
+        log.warning("log stream of %s ended early (%s); polling its status", job_id, e)
+    info = wait_until_done(jobs, job_id)
+    status = _status(info)
+    took = (info.end_time - info.start_time) / 1000 if info.end_time and info.start_time else time.time() - start
+    # Ray's message repeats the last logs after its first line; they were just streamed
+    reason = (info.message or "").splitlines()[0].split(", last available logs")[0] if info.message else ""
+    message = f": {reason}" if status != "SUCCEEDED" and reason else ""
+    print(f"job {job_id} {status} after {took:.0f}s{message}", file=out, flush=True)
+    return 0 if status == "SUCCEEDED" else 1
+
+
+def wait_until_done(jobs: Jobs, job_id: str, timeout: float | None = None, poll: float = 1.0):
+    deadline = None if timeout is None else time.time() + timeout
+    while True:
+        info = jobs.call("get_job_info", job_id)
+        if _status(info) in TERMINAL:
+            return info
+        if deadline is not None and time.time() > deadline:
+            return info
+        time.sleep(poll)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# jobs list / logs / status / stop
+
+
+def _status(info) -> str:
+    return str(getattr(info.status, "value", info.status))
+
+
+def _when(ms: int | None) -> str:
+    return datetime.fromtimestamp(ms / 1000).strftime("%Y-%m-%d %H:%M:%S") if ms else "-"
+
+
+def list_jobs(address: str | None = None) -> str:
+    """A table of the cluster's submitted jobs, newest first."""
+    jobs = Jobs(address)
+    rows = [j for j in jobs.call("list_jobs") if j.submission_id]
+    rows.sort(key=lambda j: j.start_time or 0, reverse=True)
+    table = [["job", "status", "started", "took", "entrypoint"]]
+    for j in rows:
+        took = f"{((j.end_time or time.time() * 1000) - j.start_time) / 1000:.0f}s" if j.start_time else "-"
+        entry = j.entrypoint if len(j.entrypoint) <= 80 else j.entrypoint[:77] + "..."
+        table.append([j.submission_id, _status(j), _when(j.start_time), took, entry])
+    widths = [max(len(r[c]) for r in table) for c in range(len(table[0]))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip() for r in table]
+    return "\n".join(lines) + f"\n{len(rows)} jobs on {jobs.address}"
+
+
+def job_logs(job_id: str, address: str | None = None, follow_logs: bool = False, out=None) -> int:
+    out = out or sys.stdout
+    jobs = Jobs(address)
+    if follow_logs:
+        return follow(jobs, job_id, out)
+    out.write(jobs.call("get_job_logs", job_id))
+    return 0
+
+
+def job_status(job_id: str, address: str | None = None) -> str:
+    jobs = Jobs(address)
+    info = jobs.call("get_job_info", job_id)
+    message = f"  {info.message}" if info.message else ""
+    return f"{job_id}  {_status(info)}  started {_when(info.start_time)}  ended {_when(info.end_time)}{message}"
+
+
+def stop_job(job_id: str, address: str | None = None, timeout: float = 60.0) -> str:
+    """Ask the job to stop (SIGTERM to its driver, then SIGKILL), and wait until it has."""
+    jobs = Jobs(address)
+    info = jobs.call("get_job_info", job_id)
+    if _status(info) in TERMINAL:
+        return f"job {job_id} had already ended: {_status(info)}"
+    jobs.call("stop_job", job_id)
+    info = wait_until_done(jobs, job_id, timeout=timeout)
+    return f"job {job_id} {_status(info)}"

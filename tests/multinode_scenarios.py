@@ -1,0 +1,256 @@
+"""Multi-node scenarios on one machine, run by tests/test_multinode.py in a process of their own.
+
+A `ray.cluster_utils.Cluster` (a head with no CPUs, like cluster.yaml's, and two worker nodes of 2 CPUs each,
+token authentication on) hosts, in order:
+
+  spread      a 2-worker training with scaling.placement_strategy=STRICT_SPREAD: one worker per node;
+  sweep       a 2-trial sweep whose trials (1 worker of 1.5 CPUs + 0.5 for decoding) can only fit one per node;
+  node_loss   a 2-worker STRICT_SPREAD training that loses a node (all its processes killed) after its first
+              checkpoint; a new node joins a few seconds later and the run must restore and finish. Its
+              checkpoints go through a file:// URI, the code path of s3:// storage on a real cluster.
+
+It prints one line `RESULT {json}` per scenario (node ids, MLflow epoch lists) for the test to check. A Cluster
+needs its own ray.init in its own process, which the pytest process (with the session's Ray) cannot give it.
+
+    python tests/multinode_scenarios.py OUT_DIR [spread sweep node_loss]
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+JOB = ROOT / "jobs" / "digits_vit.yaml"
+TINY = ["data.image_size=16", "model.kwargs.embed_dim=32", "model.kwargs.depth=1", "model.kwargs.num_heads=2",
+        "train.batch_size=64", "optim.warmup_epochs=0", "tracking.system_metrics=false", "data.decode_cpus=0.5"]
+NODE_CPUS = 2
+
+
+def result(name: str, **values) -> None:
+    print("RESULT " + json.dumps({"scenario": name, **values}), flush=True)
+
+
+class ActorWatch:
+    """Polls the State API for live Ray Train workers: which nodes they ran on, and which ran together."""
+
+    def __init__(self, interval: float = 0.5):
+        self.address = f"http://127.0.0.1:{os.environ['VITLAB_TEST_DASHBOARD_PORT']}"
+        self.interval = interval
+        self.seen: dict[str, str] = {}  # actor id -> node id
+        self.together: list[list[str]] = []  # node ids of the workers alive at one moment (2+ of them)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> ActorWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+
+    def _run(self) -> None:
+        from ray.util.state import list_actors
+
+        while not self._stop.is_set():
+            try:
+                alive = list_actors(address=self.address, detail=True, raise_on_missing_output=False,
+                                    filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+            except Exception as e:  # the State API is briefly unavailable while a node goes away
+                print(f"watch: {e}", flush=True)
+                alive = []
+            for a in alive:
+                self.seen[a["actor_id"]] = a["node_id"]
+            if len(alive) >= 2:
+                self.together.append(sorted(a["node_id"] for a in alive))
+            self._stop.wait(self.interval)
+
+
+def job(tmp: Path, data: str, name: str, *extra: str):
+    from vitlab.config import load_job
+
+    return load_job(JOB, [*TINY, f"data.path={data}", f"run.name={name}", f"run.storage_path={tmp / 'runs'}",
+                          f"tracking.uri=sqlite:///{tmp / 'mlflow.db'}", *extra])
+
+
+def epochs_in_mlflow(uri: str, run_id: str, key: str = "val_top1") -> list[int]:
+    import mlflow
+
+    return sorted(m.step for m in mlflow.MlflowClient(uri).get_metric_history(run_id, key))
+
+
+def worker_node_ids(cluster) -> list[str]:
+    return [n.node_id for n in cluster.worker_nodes]
+
+
+def scenario_spread(cluster, tmp: Path, data: str) -> None:
+    from vitlab.train.trainer import train
+
+    cfg = job(tmp, data, "spread", "train.epochs=2", "scaling.num_workers=2", "scaling.cpus_per_worker=0.5",
+              "scaling.placement_strategy=STRICT_SPREAD")
+    with ActorWatch() as watch:
+        outcome = train(cfg, log_model=False)
+    result("spread", worker_nodes=sorted(watch.seen.values()), together=watch.together[:3],
+           cluster_workers=sorted(worker_node_ids(cluster)), head=cluster.head_node.node_id,
+           epochs=epochs_in_mlflow(outcome.tracking_uri, outcome.mlflow_run_id), val_top1=outcome.val_top1)
+
+
+def scenario_sweep(cluster, tmp: Path, data: str) -> None:
+    from vitlab.tune.space import load_space
+    from vitlab.tune.sweep import auto_concurrency, run_sweep
+
+    space = tmp / "space.yaml"
+    space.write_text("metric: val_top1\nmode: max\nnum_samples: 1\nmax_concurrent_trials: auto\n"
+                     "scheduler: {name: fifo}\nparams:\n  optim.lr: {grid: [1.0e-3, 3.0e-3]}\n")
+    # One trial = 1 worker of 1.5 CPUs + 0.5 CPU of decoding = one 2-CPU node; two such workers cannot share one.
+    base = job(tmp, data, "sw", "train.epochs=2", "scaling.num_workers=1", "scaling.cpus_per_worker=1.5")
+    with ActorWatch() as watch:
+        report = run_sweep(base, load_space(space), str(space))
+    result("sweep", concurrency=auto_concurrency(base), together=watch.together[:3],
+           worker_nodes=sorted(watch.seen.values()), cluster_workers=sorted(worker_node_ids(cluster)),
+           statuses=[t["status"] for t in report["trials"]], epochs=[t["epochs_run"] for t in report["trials"]])
+
+
+def scenario_node_loss(cluster, tmp: Path, data: str) -> None:
+    import mlflow
+
+    from vitlab.train.trainer import train
+
+    epochs = 4
+    # Checkpoints through a URI (pyarrow's filesystem, as for s3:// on a cluster), not a local path.
+    cfg = job(tmp, data, "lossy", f"train.epochs={epochs}", "scaling.num_workers=2", "scaling.cpus_per_worker=0.5",
+              "scaling.placement_strategy=STRICT_SPREAD", "run.max_failures=3",
+              f"run.storage_path=file://{tmp / 'shared'}")
+    uri = cfg.tracking.uri
+    out: dict = {}
+
+    def fit() -> None:
+        try:
+            out["outcome"] = train(cfg, log_model=False)
+        except BaseException as e:
+            out["error"] = repr(e)
+
+    clocks_before = set(_actors("EpochClock"))
+    thread = threading.Thread(target=fit, daemon=True)
+    with ActorWatch() as watch:
+        thread.start()
+        # Wait for the first epoch to be checkpointed (its metrics reach MLflow only once a checkpoint covers it).
+        logged: list[int] = []
+        deadline = time.time() + 300
+        while time.time() < deadline and thread.is_alive() and not logged:
+            runs = mlflow.MlflowClient(uri).search_runs(
+                [e.experiment_id for e in mlflow.MlflowClient(uri).search_experiments()],
+                filter_string="attributes.run_name = 'lossy'") if Path(uri[len("sqlite:///"):]).exists() else []
+            logged = epochs_in_mlflow(uri, runs[0].info.run_id) if runs else []
+            time.sleep(0.5)
+        victim = sorted(cluster.worker_nodes, key=lambda n: n.node_id)[0]
+        removed_at = time.time()
+        cluster.remove_node(victim, allow_graceful=False)
+        print(f"removed node {victim.node_id} after epochs {logged}", flush=True)
+        time.sleep(5)  # the run waits: STRICT_SPREAD needs two nodes with CPUs, the head has none
+        new = cluster.add_node(temp_dir=os.environ["VITLAB_TEST_RAY_TEMP_DIR"], object_store_memory=150 * 1024**2,
+                               num_cpus=NODE_CPUS)
+        print(f"added node {new.node_id}, {time.time() - removed_at:.1f}s after the loss", flush=True)
+        thread.join(timeout=420)
+    if thread.is_alive():
+        out["error"] = "training still running 7 minutes after the node came back"
+    o = out.get("outcome")
+    clocks = {a: n for a, n in _actors("EpochClock").items() if a not in clocks_before}
+    result("node_loss", error=out.get("error"), logged_before_loss=logged, removed=victim.node_id,
+           head=cluster.head_node.node_id, epoch_clock_nodes=sorted(clocks.values()),
+           added=new.node_id, worker_nodes=sorted(set(watch.seen.values())), workers_started=len(watch.seen),
+           epochs=epochs_in_mlflow(o.tracking_uri, o.mlflow_run_id) if o else None,
+           epoch_times=epochs_in_mlflow(o.tracking_uri, o.mlflow_run_id, "epoch_time_s") if o else None,
+           final_epoch=o.epochs if o else None, expected_epochs=epochs,
+           model_path=o.model_path if o else None, checkpoint=o.checkpoint if o else None)
+
+
+def _actors(class_name: str) -> dict[str, str]:
+    """actor id -> node id of every actor of that class, dead or alive."""
+    from ray.util.state import list_actors
+
+    address = f"http://127.0.0.1:{os.environ['VITLAB_TEST_DASHBOARD_PORT']}"
+    return {a["actor_id"]: a["node_id"] for a in list_actors(
+        address=address, filters=[("class_name", "=", class_name)], detail=True, raise_on_missing_output=False)}
+
+
+def _http_status(url: str) -> int:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            return resp.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+SCENARIOS = {"spread": scenario_spread, "sweep": scenario_sweep, "node_loss": scenario_node_loss}
+
+
+def main() -> int:
+    import logging
+
+    import ray
+    import ray._common.utils
+    import ray._private.utils
+    from ray.cluster_utils import Cluster
+
+    # Cluster records its head in /tmp/ray/ray_current_cluster (and deletes that file on shutdown), where any
+    # other process's plain ray.init() on this machine would find it and connect to this cluster instead of
+    # starting its own. Keep this test cluster out of that shared file.
+    ray._private.utils.write_ray_address = lambda *args, **kwargs: None
+    ray._common.utils.reset_ray_address = lambda *args, **kwargs: None
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    tmp = Path(sys.argv[1])
+    names = sys.argv[2:] or list(SCENARIOS)
+    temp_dir = os.environ["VITLAB_TEST_RAY_TEMP_DIR"]  # short, so Ray's socket paths fit
+    dashboard_port = int(os.environ["VITLAB_TEST_DASHBOARD_PORT"])
+    common = {"temp_dir": temp_dir, "object_store_memory": 150 * 1024**2}
+    # Every process of this cluster (and Ray Train's PlacementGroupCleaner, which looks its cluster up by
+    # address) must find this cluster, not one of the other Rays on the machine: fix the GCS port, export it.
+    gcs_port = int(os.environ["VITLAB_TEST_GCS_PORT"])
+    os.environ["RAY_ADDRESS"] = f"{ray.util.get_node_ip_address()}:{gcs_port}"
+    cluster = Cluster(initialize_head=True, head_node_args={
+        **common, "num_cpus": 0, "include_dashboard": True, "dashboard_host": "127.0.0.1", "gcs_server_port": gcs_port,
+        "dashboard_port": dashboard_port,
+        "dashboard_agent_listen_port": int(os.environ["VITLAB_TEST_AGENT_PORT"])})
+    try:
+        for _ in range(2):
+            cluster.add_node(**common, num_cpus=NODE_CPUS)
+        cluster.wait_for_nodes()
+        ray.init(address=cluster.address)
+        from ray.data import DataContext
+
+        DataContext.get_current().enable_progress_bars = False
+        print(f"cluster: {ray.cluster_resources()}", flush=True)
+        result("cluster", nodes=len([n for n in ray.nodes() if n["Alive"]]), cpus=ray.cluster_resources()["CPU"],
+               job_api_without_token=_http_status(f"http://127.0.0.1:{dashboard_port}/api/jobs/"))
+        from vitlab.data.prepare import prepare
+
+        data = str(tmp / "digits")
+        prepare("digits", data)
+        for name in names:
+            start = time.time()
+            try:
+                SCENARIOS[name](cluster, tmp, data)
+            except Exception as e:
+                import traceback
+
+                traceback.print_exc()
+                result(name, error=repr(e))
+            print(f"scenario {name}: {time.time() - start:.0f}s", flush=True)
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

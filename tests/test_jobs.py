@@ -1,0 +1,218 @@
+"""Ray jobs on a real head started with `ray start --head` (token authentication on, 127.0.0.1): `vitlab submit`
+runs data preparation and training as jobs tracked in MLflow, plain `ray job submit --working-dir .` runs vitlab
+too, `vitlab jobs` lists, shows and stops them, and a missing or wrong token is a one-line error (exit 2)."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from helpers import VITLAB
+from raycluster import free_ports, start_head
+from vitlab.errors import UserError
+from vitlab.jobs import MAX_WORKING_DIR_BYTES, stage, working_dir_files
+
+ROOT = Path(__file__).resolve().parents[1]
+RAY = str(ROOT / ".venv" / "bin" / "ray")
+TINY = ["data.image_size=16", "model.kwargs.embed_dim=32", "model.kwargs.depth=1", "model.kwargs.num_heads=2",
+        "train.batch_size=64", "optim.warmup_epochs=0", "tracking.system_metrics=false"]
+
+
+def run(cmd: list[str], env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def job_id_of(stdout: str) -> str:
+    m = re.search(r"submitted job (\S+) to ", stdout)
+    assert m, stdout[-3000:]
+    return m.group(1)
+
+
+@pytest.fixture(scope="module")
+def head():
+    h = start_head(num_cpus=2)
+    try:
+        yield h
+    finally:
+        h.stop()
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("jobs")
+
+
+@pytest.fixture(scope="module")
+def prepared(head, store):
+    """Digits shards made by a job: `vitlab submit -- data prepare digits --out DIR` (the README's flow)."""
+    out = store / "digits"
+    proc = run([VITLAB, "submit", "--address", head.url, "--", "data", "prepare", "digits", "--out", str(out)],
+               head.client_env())
+    return out, proc
+
+
+@pytest.mark.timeout(600)
+def test_data_prepare_as_a_job(prepared):
+    out, proc = prepared
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "prepared digits" in proc.stdout and proc.stdout.strip().splitlines()[-1].split()[2] == "SUCCEEDED"
+    assert json.loads((out / "manifest.json").read_text())["splits"]["train"]["rows"] == 1437
+
+
+@pytest.mark.timeout(600)
+def test_submit_train_succeeds_and_is_in_mlflow(head, prepared, store):
+    data, _ = prepared
+    uri = f"sqlite:///{store / 'mlflow.db'}"
+    shared = store / "shared"  # stands in for the cluster's s3://BUCKET/vitlab
+    proc = run([VITLAB, "submit", "--address", head.url, "--tracking-uri", uri, "--storage-path", str(shared),
+                "--", "train", "jobs/digits_vit.yaml", "train.epochs=2", f"data.path={data}", "run.name=submitted",
+                *TINY], head.client_env())
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-3000:]
+    job_id = job_id_of(proc.stdout)
+    assert f"dashboard: {head.url}/#/jobs/{job_id}" in proc.stdout
+    assert "val top-1" in proc.stdout  # the job's own summary, streamed
+    assert proc.stdout.strip().splitlines()[-1].startswith(f"job {job_id} SUCCEEDED after ")
+
+    client = mlflow.MlflowClient(uri)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                              filter_string=f"tags.`ray.job_id` = '{job_id}'")
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    steps = sorted(m.step for m in client.get_metric_history(runs[0].info.run_id, "val_top1"))
+    assert steps == [1, 2]
+    assert runs[0].data.params["train.epochs"] == "2"
+    # relative run.storage_path ("runs") went under VITLAB_STORAGE_PATH, as on a cluster with S3
+    assert runs[0].data.tags["run_dir"] == str(shared / "runs" / "submitted")
+    assert list((shared / "runs" / "submitted").glob("checkpoint_*"))
+
+
+@pytest.mark.timeout(600)
+def test_failed_job_exits_1(head):
+    proc = run([VITLAB, "submit", "--address", head.url, "--", "train", "jobs/digits_vit.yaml",
+                "data.path=/nonexistent/shards"], head.client_env())
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "manifest.json" in proc.stdout  # the job's own one-line error, streamed
+    assert re.search(r"job \S+ FAILED after \d+s: Job entrypoint command failed with exit code 2$",
+                     proc.stdout.strip().splitlines()[-1])
+    # --no-wait returns at once; `vitlab jobs logs --follow` then waits and reports the same way
+    quick = run([VITLAB, "submit", "--no-wait", "--address", head.url, "--", "train", "jobs/digits_vit.yaml",
+                 "data.path=/nonexistent/shards"], head.client_env())
+    assert quick.returncode == 0 and "vitlab jobs logs" in quick.stdout, quick.stdout + quick.stderr
+    follow = run([VITLAB, "jobs", "logs", job_id_of(quick.stdout), "--follow", "--address", head.url],
+                 head.client_env())
+    assert follow.returncode == 1 and "manifest.json" in follow.stdout and "FAILED" in follow.stdout
+
+
+@pytest.mark.timeout(600)
+def test_plain_ray_job_submit_and_jobs_commands(head, prepared, store):
+    """`ray job submit --working-dir .` (the README's plain form) runs vitlab from the cluster's PATH with the
+    repo as working dir, without .venv, .git or data; then `vitlab jobs` lists it, shows it and stops it."""
+    data, _ = prepared
+    env = head.client_env()
+    check = "test ! -e .venv && test ! -e .git && test ! -e data && test ! -e mlflow.db"
+    train = (f"vitlab train jobs/digits_vit.yaml train.epochs=50 data.path={data} run.name=plain "
+             f"run.storage_path={store / 'plain_runs'} tracking.uri=sqlite:///{store / 'plain.db'} " + " ".join(TINY))
+    proc = run([RAY, "job", "submit", "--address", head.url, "--working-dir", ".", "--no-wait",
+                "--submission-id", "plain-train-1", "--", "sh", "-c", f"{check} && {train}"], env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    deadline = time.time() + 240
+    logs = ""
+    while time.time() < deadline and "epoch 1/50" not in logs:
+        time.sleep(2)
+        got = run([VITLAB, "jobs", "logs", "plain-train-1", "--address", head.url], env)
+        assert got.returncode == 0, got.stderr
+        logs = got.stdout
+        status = run([VITLAB, "jobs", "status", "plain-train-1", "--address", head.url], env).stdout
+        assert "FAILED" not in status, logs[-3000:]
+    assert "epoch 1/50" in logs, logs[-3000:]  # vitlab is training inside the plain job
+
+    listed = run([VITLAB, "jobs", "list", "--address", head.url], env)
+    assert listed.returncode == 0 and re.search(r"plain-train-1\s+RUNNING", listed.stdout), listed.stdout
+    stopped = run([VITLAB, "jobs", "stop", "plain-train-1", "--address", head.url], env, timeout=120)
+    assert stopped.returncode == 0 and stopped.stdout.strip() == "job plain-train-1 STOPPED", stopped.stdout
+    follow = run([VITLAB, "jobs", "logs", "plain-train-1", "--follow", "--address", head.url], env)
+    assert follow.returncode == 1 and "STOPPED" in follow.stdout.strip().splitlines()[-1]
+    unknown = run([VITLAB, "jobs", "status", "no-such-job", "--address", head.url], env)
+    assert unknown.returncode == 2 and "no job 'no-such-job'" in unknown.stderr
+
+
+@pytest.mark.timeout(300)
+def test_token_from_each_standard_place(head, tmp_path):
+    base = {k: v for k, v in head.client_env().items() if not k.startswith("RAY_AUTH")}
+    home = tmp_path / "home"
+    (home / ".ray").mkdir(parents=True)
+    (home / ".ray" / "auth_token").write_text(head.token + "\n")
+    for extra in ({"RAY_AUTH_TOKEN": head.token},  # no RAY_AUTH_MODE needed: vitlab sends the token it finds
+                  {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(head.token_file)},
+                  {"HOME": str(home)}):
+        proc = run([VITLAB, "jobs", "list", "--address", head.url], {**base, **extra})
+        assert proc.returncode == 0, (extra, proc.stderr)
+        assert proc.stdout.strip().endswith(f"jobs on {head.url}")
+
+
+@pytest.mark.timeout(300)
+def test_missing_or_refused_token_is_one_line_exit_2(head, tmp_path):
+    base = {k: v for k, v in head.client_env().items() if not k.startswith("RAY_AUTH")}
+    empty_home = tmp_path / "home"
+    empty_home.mkdir()
+    cases = [
+        ({"HOME": str(empty_home)}, "requires an authentication token and none was found"),
+        ({"HOME": str(empty_home), "RAY_AUTH_MODE": "token"}, "requires an authentication token"),
+        ({"RAY_AUTH_TOKEN": "0" * 64}, "refused the token from $RAY_AUTH_TOKEN"),
+        ({"RAY_AUTH_TOKEN_PATH": str(tmp_path / "missing")}, "cannot read the token file"),
+    ]
+    for extra, message in cases:
+        proc = run([VITLAB, "jobs", "list", "--address", head.url], {**base, **extra})
+        assert proc.returncode == 2, (extra, proc.stdout, proc.stderr)
+        assert message in proc.stderr and proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr, \
+            (extra, proc.stderr)
+    # submit stops at the same check, before uploading anything
+    proc = run([VITLAB, "submit", "--address", head.url, "--", "data", "prepare", "digits", "--out",
+                str(tmp_path / "never")], {**base, "HOME": str(empty_home)})
+    assert proc.returncode == 2 and "none was found" in proc.stderr and not (tmp_path / "never").exists()
+
+
+def test_bad_command_or_config_fails_before_submitting(tmp_path):
+    env = {"PATH": str(ROOT / ".venv" / "bin") + ":/usr/bin:/bin", "HOME": str(tmp_path)}
+    nowhere = f"http://127.0.0.1:{free_ports(1)[0]}"
+    typo = run([VITLAB, "submit", "--address", nowhere, "--", "trian", "jobs/digits_vit.yaml"], env)
+    assert typo.returncode == 2 and "invalid choice: 'trian'" in typo.stderr
+    key = run([VITLAB, "submit", "--address", nowhere, "--", "train", "jobs/digits_vit.yaml", "optim.lrr=1"], env)
+    assert key.returncode == 2 and "did you mean optim.lr" in key.stderr
+    nested = run([VITLAB, "submit", "--address", nowhere, "--", "submit", "--", "train", "x.yaml"], env)
+    assert nested.returncode == 2 and "does not run as a job" in nested.stderr
+    down = run([VITLAB, "jobs", "list", "--address", nowhere], env)
+    assert down.returncode == 2 and f"no Ray cluster answers at {nowhere}" in down.stderr
+
+
+def test_working_dir_leaves_out_data_runs_stores_and_vcs(tmp_path):
+    root = tmp_path / "repo"
+    files = ["jobs/a.yaml", "platform/vitlab/data/pipeline.py", "platform/vitlab/__init__.py", "README.md",
+             "data/digits/manifest.json", "runs/x/checkpoint_1/state.pt", ".git/HEAD", ".venv/bin/python",
+             "mlruns/0/meta.yaml", "mlflow.db", "platform/vitlab/__pycache__/cli.cpython-311.pyc", "notes/big.bin",
+             "src/keep.py", ".gitignore", ".rayignore"]
+    for f in files:
+        (root / f).parent.mkdir(parents=True, exist_ok=True)
+        (root / f).write_text("x")
+    (root / ".gitignore").write_text("/notes/\n")
+    (root / ".rayignore").write_text("/src\n")
+    got = {str(p) for p in working_dir_files(root)}
+    assert got == {"jobs/a.yaml", "platform/vitlab/data/pipeline.py", "platform/vitlab/__init__.py", "README.md",
+                   ".gitignore", ".rayignore"}
+    wd, pkg = stage(root, tmp_path / "staged")
+    assert (wd / "jobs" / "a.yaml").is_file() and (pkg / "jobs.py").is_file() and (pkg / "data").is_dir()
+    assert not list(pkg.rglob("__pycache__"))
+
+
+def test_working_dir_too_big_is_refused(tmp_path):
+    root = tmp_path / "repo"
+    (root / "weights").mkdir(parents=True)
+    with (root / "weights" / "model.bin").open("wb") as f:
+        f.truncate(MAX_WORKING_DIR_BYTES + 1)  # sparse: no real disk used
+    with pytest.raises(UserError, match=r"MiB to upload .*weights/model.bin"):
+        stage(root, tmp_path / "staged")

@@ -1,0 +1,107 @@
+"""Several Ray nodes on this machine (ray.cluster_utils.Cluster, token authentication on): workers spread one
+per node, a sweep's concurrent trials on different nodes, and a training that loses a node after a checkpoint,
+restores from it when a new node joins, and finishes with every epoch in MLflow exactly once.
+
+The scenarios run in one child process (tests/multinode_scenarios.py): a Cluster needs a ray.init of its own,
+and this pytest process already holds the session's Ray. Each scenario prints a RESULT line checked here."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from raycluster import free_ports, kill_under, short_temp_dir
+
+ROOT = Path(__file__).resolve().parents[1]
+PYTHON = str(ROOT / ".venv" / "bin" / "python")
+
+
+@pytest.fixture(scope="module")
+def scenarios(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("multinode")
+    temp_dir = short_temp_dir("vrm")
+    dashboard, agent, gcs = free_ports(3)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_", "VITLAB_"))}
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32), RAY_USAGE_STATS_ENABLED="0",
+               RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0", VITLAB_TEST_RAY_TEMP_DIR=temp_dir,
+               VITLAB_TEST_DASHBOARD_PORT=str(dashboard), VITLAB_TEST_AGENT_PORT=str(agent),
+               VITLAB_TEST_GCS_PORT=str(gcs), PYTHONUNBUFFERED="1")
+    log = tmp / "scenarios.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen([PYTHON, str(ROOT / "tests" / "multinode_scenarios.py"), str(tmp)], cwd=ROOT,
+                                env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            proc.wait(timeout=720)
+        except subprocess.TimeoutExpired:
+            pass
+        finally:
+            kill_under(temp_dir, {proc.pid})  # the child's Ray nodes, whatever state it ended in
+            proc.wait(timeout=30)
+            shutil.rmtree(temp_dir, ignore_errors=True)
+    text = log.read_text()
+    results = {}
+    for line in text.splitlines():
+        if line.startswith("RESULT "):
+            r = json.loads(line[len("RESULT "):])
+            results[r["scenario"]] = r
+    sys.stdout.write(text[-5000:])  # shown when a test fails
+    return results, text
+
+
+def _get(scenarios, name):
+    results, text = scenarios
+    assert name in results, f"scenario {name} gave no result:\n{text[-6000:]}"
+    r = results[name]
+    assert not r.get("error"), f"{name}: {r['error']}\n{text[-6000:]}"
+    return r
+
+
+@pytest.mark.timeout(900)
+def test_cluster_has_three_nodes_and_token_auth(scenarios):
+    r = _get(scenarios, "cluster")
+    assert r["nodes"] == 3 and r["cpus"] == 4  # the head has no CPUs
+    assert r["job_api_without_token"] == 401
+
+
+@pytest.mark.timeout(900)
+def test_two_workers_one_per_node(scenarios):
+    r = _get(scenarios, "spread")
+    assert len(r["worker_nodes"]) == 2 and len(set(r["worker_nodes"])) == 2, r  # STRICT_SPREAD: 2 nodes
+    assert set(r["worker_nodes"]) == set(r["cluster_workers"]) and r["head"] not in r["worker_nodes"]
+    assert r["epochs"] == [1, 2]
+
+
+@pytest.mark.timeout(900)
+def test_sweep_trials_run_on_different_nodes(scenarios):
+    r = _get(scenarios, "sweep")
+    assert r["concurrency"] == 2
+    assert r["together"], f"the two trials never ran at the same time: {r}"
+    assert all(len(set(nodes)) == len(nodes) for nodes in r["together"]), r  # never two on one node
+    assert set(r["worker_nodes"]) == set(r["cluster_workers"])
+    assert r["statuses"] == ["completed", "completed"] and r["epochs"] == [2, 2]
+
+
+@pytest.mark.timeout(900)
+def test_node_loss_restores_from_checkpoint(scenarios):
+    r = _get(scenarios, "node_loss")
+    assert r["logged_before_loss"] and max(r["logged_before_loss"]) < r["expected_epochs"], r  # lost mid-run
+    assert r["final_epoch"] == r["expected_epochs"]
+    expected = list(range(1, r["expected_epochs"] + 1))
+    assert r["epochs"] == expected, r  # no epoch lost or logged twice
+    assert r["epoch_times"] == expected, r
+    assert r["workers_started"] > 2, r  # a new worker group after the loss
+    assert r["added"] in r["worker_nodes"] and r["removed"] in r["worker_nodes"]
+    # storage given as a URI (as s3:// on a cluster): restored from it, and the best model written to it
+    assert r["checkpoint"].startswith("file://") and r["model_path"].endswith("/lossy/best_model.pt")
+    assert Path(r["model_path"][len("file://"):]).is_file()
+    # the run's epoch clock lives on the driver's node (the head), so losing a worker node cannot take it
+    assert r["epoch_clock_nodes"] == [r["head"]], r
+    _, text = scenarios
+    assert "restored from latest checkpoint of this run" in text
