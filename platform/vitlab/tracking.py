@@ -293,6 +293,68 @@ def log_torch_model(uri: str, run_id: str, model, input_example) -> str:
     return getattr(info, "model_uri", f"runs:/{run_id}/model")
 
 
+def quiet_mlflow() -> None:
+    """No artifact-download progress bars from the CLI's one-shot commands (export, register, predict)."""
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
+def log_onnx_model(uri: str | None, run_id: str, onnx_path: Path, classes_json: Path, parity: dict[str, Any]) -> str:
+    """Log an exported ONNX model (MLflow's onnx flavor, classes.json beside it) and its parity to the run it
+    was exported from; returns the model URI."""
+    import mlflow
+    import onnx
+    import onnxruntime
+
+    uri = resolve_tracking_uri(uri)
+    mlflow.set_tracking_uri(uri)
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    status = client.get_run(run_id).info.status
+    with mlflow.start_run(run_id=run_id, log_system_metrics=False):
+        info = mlflow.onnx.log_model(
+            onnx.load(str(onnx_path)), name="onnx", save_as_external_data=False, extra_files=[str(classes_json)],
+            # given, so MLflow does not load the model in a subprocess to infer them
+            pip_requirements=[f"onnx=={onnx.__version__}", f"onnxruntime=={onnxruntime.__version__}"],
+        )
+        mlflow.log_metric("onnx_parity_max_abs_diff", parity["max"])
+    # start_run(run_id) ends the run FINISHED: keep the status training left it in
+    client.set_terminated(run_id, status=status if status in ("FINISHED", "FAILED", "KILLED") else "FINISHED")
+    return getattr(info, "model_uri", f"runs:/{run_id}/onnx")
+
+
+def register_model(uri: str | None, run_id: str, name: str, alias: str | None = None) -> dict[str, Any]:
+    """Register the run's logged model (``runs:/<id>/model``) under ``name``, optionally with an alias."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    quiet_mlflow()
+    uri = resolve_tracking_uri(uri)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+    if not name.strip():
+        raise UserError("--name: expected a registered model name")
+    try:
+        client.get_run(run_id)
+    except MlflowException:
+        raise UserError(f"run {run_id}: not found in the MLflow store {uri}") from None
+    source = f"runs:/{run_id}/model"
+    try:
+        info = mlflow.models.get_model_info(source)
+    except (MlflowException, OSError):
+        raise UserError(f"run {run_id}: no logged model 'model' (runs of 'vitlab train' log one at the end)") from None
+    try:
+        # MLflow 3 keeps logged models outside the run's artifacts: register the logged model itself
+        version = mlflow.register_model(f"models:/{info.model_id}" if info.model_id else source, name)
+        if alias:
+            client.set_registered_model_alias(name, alias, version.version)
+    except MlflowException as e:
+        raise UserError(f"registering {source} as '{name}': {e.message.splitlines()[0]}") from None
+    return {
+        "name": name, "version": int(version.version), "alias": alias, "run_id": run_id, "source": source,
+        "model_uri": f"models:/{name}@{alias}" if alias else f"models:/{name}/{version.version}", "tracking_uri": uri,
+    }
+
+
 def end_run(uri: str, run_id: str, status: str) -> None:
     import mlflow
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -48,9 +49,20 @@ class TrainOutcome:
         return asdict(self)
 
 
+STORAGE_ENV = "VITLAB_STORAGE_PATH"
+
+
 def storage_root(cfg: JobConfig) -> str:
+    """run.storage_path as a URI or absolute path. On a cluster, $VITLAB_STORAGE_PATH (e.g. s3://bucket/vitlab,
+    set on every node by cluster.yaml) is where a relative storage path goes: every node must see the same
+    checkpoints, and a node's local disk is not shared."""
     path = cfg.run.storage_path
-    return path if "://" in path else str(Path(path).resolve())
+    if "://" in path:
+        return path
+    base = os.environ.get(STORAGE_ENV, "").rstrip("/")
+    if base and not Path(path).is_absolute():
+        return f"{base}/{path}" if "://" in base else str((Path(base) / path).resolve())
+    return str(Path(path).resolve())
 
 
 def run_dir(cfg: JobConfig) -> str:
@@ -164,6 +176,7 @@ def build_trainer(cfg: JobConfig, manifest: Manifest, run_id: str | None, tracki
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
             resources_per_worker=resources, accelerator_type=cfg.scaling.accelerator_type,
+            placement_strategy=cfg.scaling.placement_strategy,
         ),
         run_config=ray.train.RunConfig(
             name=cfg.run.name,
@@ -252,6 +265,34 @@ def _best(result) -> tuple[Any, dict[str, Any]]:
     return max(candidates, key=lambda cm: (cm[1].get("val_top1", -1), cm[1].get("epoch", 0)))
 
 
+def _checkpoint_location(cfg: JobConfig, ckpt) -> str:
+    """A local path, or for remote storage the checkpoint's URI (Ray's Checkpoint.path drops the scheme)."""
+    root = run_dir(cfg)
+    return f"{root}/{Path(ckpt.path).name}" if "://" in root else str(ckpt.path)
+
+
+def _save_beside_run(cfg: JobConfig, obj, name: str) -> str:
+    """torch.save ``obj`` as RUN_DIR/name, on local disk or (a cluster's run.storage_path) in object storage;
+    returns where it went."""
+    import tempfile
+
+    import pyarrow.fs as pafs
+
+    from vitlab.train import state
+
+    root = run_dir(cfg)
+    if "://" not in root:
+        state.atomic_torch_save(obj, Path(root) / name)
+        return str(Path(root) / name)
+    fs, path = pafs.FileSystem.from_uri(root)
+    with tempfile.TemporaryDirectory(prefix="vitlab-best-") as tmp:
+        local = Path(tmp) / name
+        state.atomic_torch_save(obj, local)
+        # an object store write appears whole or not at all, like the local rename
+        pafs.copy_files(str(local), f"{path}/{name}", destination_filesystem=fs)
+    return f"{root}/{name}"
+
+
 def finish(cfg: JobConfig, manifest: Manifest, uri: str, run_id: str, result, start: float,
            resumed: bool, log_model: bool = True) -> TrainOutcome:
     """Write the plain best model, log the artifacts, and build the outcome."""
@@ -264,28 +305,31 @@ def finish(cfg: JobConfig, manifest: Manifest, uri: str, run_id: str, result, st
 
     best_ckpt, best_metrics = _best(result)
     latest = result.metrics or {}
+    # as_directory(): the checkpoint itself on local storage, a downloaded copy when it is in S3 (a cluster)
     if not latest and result.checkpoint is not None:
-        latest = state.load_metrics(result.checkpoint.path) or {}
-    best_dir = Path(best_ckpt.path)
-    saved = state.load_state(best_dir)
+        with result.checkpoint.as_directory() as d:
+            latest = state.load_metrics(d) or {}
+    with best_ckpt.as_directory() as d:
+        saved = state.load_state(d)
+        confusion_file = Path(d) / state.CONFUSION_FILE
+        confusion = np.load(confusion_file) if confusion_file.is_file() else None
     kwargs = timm_kwargs(cfg)
     model = create_model(cfg.model.name, manifest.num_classes, kwargs)
     model.load_state_dict(saved["model"], strict=True)
     model.eval()
-    model_path = Path(run_dir(cfg)) / BEST_MODEL_FILE
-    state.atomic_torch_save(model.state_dict(), model_path)
+    model_path = _save_beside_run(cfg, model.state_dict(), BEST_MODEL_FILE)
 
     art = tracking.temp_artifact_dir()
     (art / "config.yaml").write_text(cfg.to_yaml())
     (art / "manifest.json").write_text(json.dumps(manifest.data, indent=2))
     files = [art / "config.yaml", art / "manifest.json", tracking.learning_curves_png(uri, run_id, art / "curves.png")]
-    confusion_file = best_dir / state.CONFUSION_FILE
-    if confusion_file.is_file():
-        files.append(tracking.confusion_png(np.load(confusion_file), manifest.classes, art / "confusion.png"))
+    if confusion is not None:
+        files.append(tracking.confusion_png(confusion, manifest.classes, art / "confusion.png"))
     tracking.log_artifacts(uri, run_id, files)
     if log_model:
         size = cfg.data.image_size
-        tracking.log_torch_model(uri, run_id, model, torch.randn(1, 3, size, size).numpy())
+        # batch 2: torch.export (MLflow's pt2 format) fixes a size-1 batch dimension to 1 for good
+        tracking.log_torch_model(uri, run_id, model, torch.randn(2, 3, size, size).numpy())
 
     rates = [v for _, v in tracking.metric_history(uri, run_id, "images_per_s")]
     return TrainOutcome(
@@ -294,8 +338,8 @@ def finish(cfg: JobConfig, manifest: Manifest, uri: str, run_id: str, result, st
         epochs=int(latest.get("epoch", best_metrics.get("epoch", 0))),
         mlflow_run_id=run_id,
         tracking_uri=uri,
-        checkpoint=str(best_dir),
-        model_path=str(model_path),
+        checkpoint=_checkpoint_location(cfg, best_ckpt),
+        model_path=model_path,
         model={"name": cfg.model.name, "kwargs": kwargs},
         normalize={"mean": list(cfg.data.mean), "std": list(cfg.data.std)},
         wall_s=round(time.perf_counter() - start, 2),

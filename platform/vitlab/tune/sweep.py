@@ -365,10 +365,12 @@ def _rows(grid, spec: SweepSpec, epochs: int) -> list[TrialRow]:
             status = "errored"
         else:
             status = "completed" if done >= epochs else "stopped_early"
-        values = df[spec.metric].dropna() if df is not None and spec.metric in df else []
+        values = list(df[spec.metric].dropna()) if df is not None and spec.metric in df else []
+        if not values and spec.metric in metrics:
+            values = [metrics[spec.metric]]  # a PBT-restarted trial's dataframe can come back empty
         best = (max(values) if spec.mode == "max" else min(values)) if len(values) else None
-        rows.append(TrialRow(trial_id, params, None if best is None else float(best),
-                             int(len(df)) if df is not None else 0, status))
+        epochs_run = int(len(df)) if df is not None and len(df) else done
+        rows.append(TrialRow(trial_id, params, None if best is None else float(best), epochs_run, status))
     reverse = spec.mode == "max"
     rows.sort(key=lambda r: (r.val_top1 is None, -(r.val_top1 or 0) if reverse else (r.val_top1 or 0)))
     return rows

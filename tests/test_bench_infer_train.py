@@ -1,0 +1,69 @@
+"""`vitlab bench infer` and `vitlab bench train` in their quick modes (tiny model, a few iterations)."""
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from helpers import VITLAB
+from vitlab.bench.infer import bench_infer
+from vitlab.bench.train import bench_train, format_report
+from vitlab.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_bench_infer_quick_three_runtimes_side_by_side(tmp_path):
+    out = tmp_path / "infer.json"
+    proc = subprocess.run([VITLAB, "bench", "infer", "--quick", "--output-json", str(out)], capture_output=True,
+                          text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(out.read_text())
+    key = f"batch{report['settings']['batch_size']}_images_per_s"
+    for name in ("torch_eager", "onnxruntime"):
+        r = report[name]
+        assert 0 < r["batch1_p50_ms"] <= r["batch1_p90_ms"] and r[key] > 0, name
+        assert name in proc.stdout
+    assert report["onnxruntime"]["max_abs_diff_vs_eager"] < 1e-4
+    ratios = report["ratios"]["onnxruntime"]
+    assert ratios["batch1_p50_vs_eager"] == pytest.approx(
+        report["onnxruntime"]["batch1_p50_ms"] / report["torch_eager"]["batch1_p50_ms"], rel=0.01)
+    compiled = report["torch_compile"]
+    if "unavailable" in compiled:  # reported, not raised, where inductor does not work
+        assert compiled["unavailable"] and "torch_compile" not in report["ratios"]
+    else:
+        assert compiled["batch1_p50_ms"] > 0 and compiled["compile_s"] >= 0 and "torch_compile" in report["ratios"]
+    assert report["settings"]["quick"] and report["settings"]["threads"] >= 1
+
+
+def test_bench_infer_no_compile_and_bad_model():
+    report = bench_infer(quick=True, compile=False, iters=3)
+    assert report["torch_compile"] == {"unavailable": "skipped (--no-compile)"}
+    assert set(report["ratios"]) == {"onnxruntime"}
+    proc = subprocess.run([VITLAB, "bench", "infer", "--model", "vit_smal_patch16_224"], capture_output=True,
+                          text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 2 and "did you mean vit_small_patch16_224" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_bench_train_quick_ray_vs_plain(ray_session):
+    report = bench_train(quick=True)
+    threads = report["settings"]["threads"]
+    half = max(1, threads // 2)
+    ray_one, plain, ray_two = report[f"ray_1x{threads}"], report[f"plain_1x{threads}"], report[f"ray_2x{half}"]
+    windows = report["settings"]["windows"]
+    for side, workers, per_worker in ((ray_one, 1, threads), (plain, 1, threads), (ray_two, 2, half)):
+        assert side["images_per_s"] > 0 and side["workers"] == workers and side["threads_per_worker"] == per_worker
+        assert len(side["window_images_per_s"]) == windows  # timed in alternating windows
+    assert report["ratio"] == pytest.approx(ray_one["images_per_s"] / plain["images_per_s"], rel=0.01)
+    assert report["window_ratio_median"] > 0
+    assert report[f"ratio_2x{half}_vs_1x{threads}"] > 0
+    assert "ratio (a)/(b)" in format_report(report)
+
+
+def test_bench_train_rejects_more_threads_than_cpus(ray_session):
+    with pytest.raises(UserError, match="--threads 64"):
+        bench_train(quick=True, threads=64)
+    with pytest.raises(UserError, match="--batch-size 7"):
+        bench_train(quick=True, batch_size=7)
