@@ -73,6 +73,16 @@ def _read_pointer(ckpt) -> dict[str, Any] | None:
         return json.loads(f.read_text()) if f.is_file() else None
 
 
+def _checkpoint_epoch(path: str) -> int:
+    """The last finished epoch of a vitlab Train checkpoint, local or in object storage."""
+    import ray.train
+
+    from vitlab.train.state import load_metrics
+
+    with ray.train.Checkpoint(path).as_directory() as d:
+        return int((load_metrics(d) or {}).get("epoch", 0))
+
+
 def trial_config(base: dict[str, Any], overrides: dict[str, Any]) -> JobConfig:
     return JobConfig.model_validate(base).with_overrides(overrides, source="trial")
 
@@ -95,6 +105,10 @@ def run_trial(config: dict[str, Any], base: dict[str, Any], sweep_dir: str, pare
             generation += 1  # a PBT exploit: continue from the donor's checkpoint under a fresh Train run
     name = trial_id if generation == 0 else f"{trial_id}_g{generation}"
     cfg = trial_config(base, {**config, "run.name": name, "run.storage_path": f"{sweep_dir}/trials"})
+    if resume_from and _checkpoint_epoch(resume_from) >= cfg.train.epochs:
+        # PBT exploits at its last perturbation too: the donor's checkpoint is already the final epoch, so
+        # this trial is done (a Train run with no epoch left would end without a checkpoint of its own).
+        return
 
     q: Queue = Queue(actor_options={"num_cpus": 0})
     outcome: dict[str, Any] = {}
@@ -369,7 +383,8 @@ def _rows(grid, spec: SweepSpec, epochs: int) -> list[TrialRow]:
         if not values and spec.metric in metrics:
             values = [metrics[spec.metric]]  # a PBT-restarted trial's dataframe can come back empty
         best = (max(values) if spec.mode == "max" else min(values)) if len(values) else None
-        epochs_run = int(len(df)) if df is not None and len(df) else done
+        # the last epoch reached: Tune's dataframe starts over when PBT restores a trial from a donor
+        epochs_run = done or (int(len(df)) if df is not None else 0)
         rows.append(TrialRow(trial_id, params, None if best is None else float(best), epochs_run, status))
     reverse = spec.mode == "max"
     rows.sort(key=lambda r: (r.val_top1 is None, -(r.val_top1 or 0) if reverse else (r.val_top1 or 0)))
@@ -403,7 +418,7 @@ def _finish(base: JobConfig, spec: SweepSpec, grid, uri: str, parent_id: str, sw
         "best_val_top1": best_row.val_top1 if best_row else None,
         "trials": [r.__dict__ for r in rows],
         "trial_epochs_total": sum(r.epochs_run for r in rows),
-        "trial_epochs_fifo": spec.num_samples * base.train.epochs,
+        "trial_epochs_fifo": expected_trials(spec) * base.train.epochs,
         "wall_s": round(seconds, 1),
     }
 
