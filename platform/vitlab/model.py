@@ -10,12 +10,17 @@ from vitlab.config import JobConfig
 _IMG_SIZE_FAMILIES = ("vit", "deit", "eva", "beit", "cait", "xcit", "swin")
 
 
+def with_img_size(name: str, kwargs: dict[str, Any], image_size: int) -> dict[str, Any]:
+    """``kwargs`` plus ``img_size`` for the families whose position embedding is sized at build time."""
+    kwargs = dict(kwargs)
+    if "img_size" not in kwargs and name.startswith(_IMG_SIZE_FAMILIES):
+        kwargs["img_size"] = image_size
+    return kwargs
+
+
 def timm_kwargs(cfg: JobConfig) -> dict[str, Any]:
     """The kwargs passed to timm.create_model (without num_classes), exactly as used."""
-    kwargs = dict(cfg.model.kwargs)
-    if "img_size" not in kwargs and cfg.model.name.startswith(_IMG_SIZE_FAMILIES):
-        kwargs["img_size"] = cfg.data.image_size
-    return kwargs
+    return with_img_size(cfg.model.name, cfg.model.kwargs, cfg.data.image_size)
 
 
 def create_model(name: str, num_classes: int, kwargs: dict[str, Any]):

@@ -13,7 +13,6 @@ runtimes use the same intra-op thread count and the same random-weight model (no
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import tempfile
 import time
@@ -23,29 +22,12 @@ from typing import Any
 
 import numpy as np
 
+from vitlab.bench.common import bench_model, check_positive, cores, load_avg
 from vitlab.errors import UserError
 
 log = logging.getLogger(__name__)
 
-QUICK_MODEL = ("vit_tiny_patch16_224", {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 1,
-                                        "num_heads": 2})
 ROUNDS = 3
-
-
-def cores() -> int:
-    """CPU cores this process may run on (the affinity mask, not the host's count)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
-
-
-def load_avg() -> float | None:
-    """The 1-minute load average: a benchmark on a shared machine says what else was running."""
-    try:
-        return round(os.getloadavg()[0], 2)
-    except (AttributeError, OSError):
-        return None
 
 
 def _latencies(fn: Callable[[], Any], iters: int) -> list[float]:
@@ -129,21 +111,12 @@ def bench_infer(model_name: str = "vit_small_patch16_224", image_size: int = 224
     import torch
 
     from vitlab.export import check_opset
-    from vitlab.model import check_model_name, create_model
+    from vitlab.model import create_model
 
-    for flag, v in (("--image-size", image_size), ("--batch-size", batch_size), ("--threads", threads),
-                    ("--iters", iters)):
-        if v is not None and v < 1:
-            raise UserError(f"{flag} {v}: expected a positive number")
+    check_positive(image_size=image_size, batch_size=batch_size, threads=threads, iters=iters)
     check_opset(opset)
-    kwargs: dict[str, Any] = {}
-    if quick:
-        model_name, kwargs = QUICK_MODEL
-        image_size, batch_size, num_classes = kwargs["img_size"], min(batch_size, 4), 10
-    else:
-        check_model_name(model_name)
-        if model_name.startswith(("vit", "deit", "eva", "beit")):
-            kwargs["img_size"] = image_size
+    model_name, kwargs, image_size, batch_size, num_classes = bench_model(
+        model_name, image_size, batch_size, quick, quick_batch=4, num_classes=num_classes)
     iters = iters or (6 if quick else 60)
     warmup = warmup if warmup is not None else (1 if quick else 5)
     throughput_iters = throughput_iters or (2 if quick else 6)

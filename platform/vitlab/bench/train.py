@@ -29,13 +29,11 @@ from dataclasses import asdict, dataclass, field
 from multiprocessing import get_context
 from typing import Any
 
-from vitlab.bench.infer import cores, load_avg
+from vitlab.bench.common import bench_model, check_positive, cores, load_avg
 from vitlab.errors import UserError
 
 log = logging.getLogger(__name__)
 
-QUICK_MODEL = ("vit_tiny_patch16_224", {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 1,
-                                        "num_heads": 2})
 TIMEOUT_S = 900.0  # for one window or one side's start-up: a hung side fails the benchmark, never hangs it
 
 
@@ -247,23 +245,11 @@ def bench_train(model_name: str = "vit_tiny_patch16_224", image_size: int = 112,
     import ray
 
     from vitlab.cluster import connect
-    from vitlab.model import check_model_name
-
-    for flag, v in (("--image-size", image_size), ("--batch-size", batch_size), ("--steps", steps),
-                    ("--threads", threads), ("--windows", windows)):
-        if v is not None and v < 1:
-            raise UserError(f"{flag} {v}: expected a positive number")
+    check_positive(image_size=image_size, batch_size=batch_size, steps=steps, threads=threads, windows=windows)
     if warmup is not None and warmup < 0:
         raise UserError(f"--warmup {warmup}: expected 0 or more")
-    kwargs: dict[str, Any] = {}
-    num_classes = 1000
-    if quick:
-        model_name, kwargs = QUICK_MODEL
-        image_size, batch_size, num_classes = kwargs["img_size"], min(batch_size, 8), 10
-    else:
-        check_model_name(model_name)
-        if model_name.startswith(("vit", "deit", "eva", "beit")):
-            kwargs["img_size"] = image_size
+    model_name, kwargs, image_size, batch_size, num_classes = bench_model(
+        model_name, image_size, batch_size, quick, quick_batch=8)
     windows = windows or (2 if quick else 6)
     steps = steps or (4 if quick else 30)
     per_window = max(1, steps // windows)
