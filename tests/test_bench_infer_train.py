@@ -14,18 +14,21 @@ from vitlab.errors import UserError
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_bench_infer_quick_three_runtimes_side_by_side(tmp_path):
+def test_bench_infer_quick_runtimes_side_by_side(tmp_path):
     out = tmp_path / "infer.json"
     proc = subprocess.run([VITLAB, "bench", "infer", "--quick", "--output-json", str(out)], capture_output=True,
                           text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
     report = json.loads(out.read_text())
     key = f"batch{report['settings']['batch_size']}_images_per_s"
-    for name in ("torch_eager", "onnxruntime"):
+    for name in ("torch_eager", "onnxruntime", "onnxruntime_int8"):
         r = report[name]
         assert 0 < r["batch1_p50_ms"] <= r["batch1_p90_ms"] and r[key] > 0, name
         assert name in proc.stdout
     assert report["onnxruntime"]["max_abs_diff_vs_eager"] < 1e-4
+    int8 = report["onnxruntime_int8"]
+    assert 0 < int8["max_abs_diff_vs_eager"] < 1.0  # quantized: close to fp32, not equal
+    assert "onnxruntime_int8" in report["ratios"]
     ratios = report["ratios"]["onnxruntime"]
     assert ratios["batch1_p50_vs_eager"] == pytest.approx(
         report["onnxruntime"]["batch1_p50_ms"] / report["torch_eager"]["batch1_p50_ms"], rel=0.01)
@@ -40,7 +43,7 @@ def test_bench_infer_quick_three_runtimes_side_by_side(tmp_path):
 def test_bench_infer_no_compile_and_bad_model():
     report = bench_infer(quick=True, compile=False, iters=3)
     assert report["torch_compile"] == {"unavailable": "skipped (--no-compile)"}
-    assert set(report["ratios"]) == {"onnxruntime"}
+    assert set(report["ratios"]) == {"onnxruntime", "onnxruntime_int8"}
     proc = subprocess.run([VITLAB, "bench", "infer", "--model", "vit_smal_patch16_224"], capture_output=True,
                           text=True, timeout=120, cwd=ROOT)
     assert proc.returncode == 2 and "did you mean vit_small_patch16_224" in proc.stderr

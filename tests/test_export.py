@@ -118,6 +118,34 @@ def test_predict_reproduces_val_accuracy(trained, exported, val_jpegs, store):
         assert abs(a["top_k"][0]["probability"] - b["top_k"][0]["probability"]) < 1e-4
 
 
+def test_int8_export_is_checked_on_the_val_images_and_predicts(trained, val_jpegs, store):
+    out = store / "int8"
+    # two epochs of a one-block model: many low-margin predictions, so int8 flips a few (98% here); a
+    # trained model agrees more (README)
+    proc = vitlab("export", trained.model_path, "--out", str(out), "--quantize", "int8", "--int8-min-agreement",
+                  "0.9", "--output-json", str(store / "int8.json"))
+    assert proc.returncode == 0, proc.stderr
+    q = json.loads((store / "int8.json").read_text())["int8"]
+    assert (q["on"], q["images"]) == ("val images", 360)  # the run's dataset is here: its whole val split
+    assert q["ok"] and q["top1_agreement"] >= 0.9 and "dynamic int8" in proc.stdout
+    assert q["fp32_val_top1"] == pytest.approx(trained.val_top1, abs=1 / 360 + 1e-9)
+    assert abs(q["int8_val_top1"] - q["fp32_val_top1"]) <= 1 - q["top1_agreement"] + 1e-9
+    graph = onnx.load(str(out / "model.int8.onnx")).graph
+    assert any(n.op_type in ("MatMulInteger", "DynamicQuantizeLinear") for n in graph.node)
+    val_dir, labels = val_jpegs
+    report = predict(load_bundle(str(out / "model.int8.onnx")), [str(val_dir)], top_k=1)
+    accuracy = np.mean([top1(report)[p] == y for p, y in labels.items()])
+    assert accuracy == pytest.approx(q["int8_val_top1"], abs=1 / 360 + 1e-9)
+    bad = vitlab("export", trained.model_path, "--out", str(store / "bad"), "--quantize", "int8",
+                 "--int8-min-agreement", "1.5")
+    assert bad.returncode == 2 and "--int8-min-agreement 1.5" in bad.stderr and not (store / "bad").exists()
+    if q["top1_agreement"] < 1.0:  # a stricter bar than it met: refused, and nothing left behind
+        strict = vitlab("export", trained.model_path, "--out", str(store / "strict8"), "--quantize", "int8",
+                        "--int8-min-agreement", str(min(1.0, q["top1_agreement"] + 0.005)))
+        assert strict.returncode == 1 and "int8 top-1 agrees with fp32" in strict.stderr
+        assert not (store / "strict8").exists()
+
+
 def test_predict_reports_unreadable_files_and_runs_the_rest(trained, exported, tmp_path):
     good = jpeg_bytes(3, 0, (40, 30))
     (tmp_path / "a.jpg").write_bytes(good)

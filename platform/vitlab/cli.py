@@ -159,7 +159,8 @@ def cmd_export(args: argparse.Namespace) -> None:
 
     bundle = load_bundle(args.model, args.tracking_uri)
     try:
-        report = export(bundle, args.out, opset=args.opset, atol=args.atol)
+        report = export(bundle, args.out, opset=args.opset, atol=args.atol, quantize=args.quantize,
+                        int8_min_agreement=args.int8_min_agreement)
     except ParityError as e:
         print(f"vitlab: export failed the parity check: {e}", file=sys.stderr)
         raise SystemExit(1) from None
@@ -313,6 +314,10 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--format", choices=["onnx"], default="onnx")
     ex.add_argument("--opset", type=int, default=17, help="ONNX opset (14-20, default 17)")
     ex.add_argument("--atol", type=float, default=1e-4, help="parity tolerance: max |onnxruntime - torch| in fp32")
+    ex.add_argument("--quantize", choices=["int8"], help="also write DIR/model.int8.onnx (dynamic int8 weights), "
+                    "checked by its top-1 agreement with fp32 on the model's val images")
+    ex.add_argument("--int8-min-agreement", type=float, default=0.99,
+                    help="least share of check images where int8 and fp32 top-1 agree (default 0.99)")
     ex.add_argument("--tracking-uri", help="MLflow store for runs:/ and models:/ URIs (default: "
                     "$MLFLOW_TRACKING_URI or ./mlflow.db)")
     ex.add_argument("--output-json")

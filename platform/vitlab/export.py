@@ -32,6 +32,7 @@ from vitlab.errors import UserError
 log = logging.getLogger(__name__)
 
 ONNX_FILE = "model.onnx"
+INT8_FILE = "model.int8.onnx"
 CLASSES_FILE = "classes.json"
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
@@ -40,6 +41,8 @@ MIN_OPSET = 14  # scaled_dot_product_attention needs opset 14
 MAX_OPSET = 20  # the TorchScript exporter's newest
 PARITY_ATOL = 1e-4
 PARITY_BATCH_SIZES = (1, 8)
+INT8_MIN_AGREEMENT = 0.99  # int8 top-1 == fp32 top-1 on at least this share of the check images
+INT8_CHECK_IMAGES = 1000
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 MLFLOW_SCHEMES = ("runs:/", "models:/")
 
@@ -65,6 +68,7 @@ class ModelBundle:
     wnids: list[str] | None = None
     run_id: str | None = None  # the MLflow run the model came from
     tracking_uri: str | None = None
+    data_path: str | None = None  # the dataset it was trained on (its val split checks an int8 export)
 
     @property
     def num_classes(self) -> int:
@@ -206,6 +210,7 @@ def _from_config(cfg, state_dict, classes, wnids, source: str, run_id=None, uri=
         source=source, classes=list(classes), wnids=wnids, image_size=cfg.data.image_size,
         mean=tuple(cfg.data.mean), std=tuple(cfg.data.std), crop_pct=cfg.data.crop_pct,
         model_name=cfg.model.name, model_kwargs=timm_kwargs(cfg), model=model, run_id=run_id, tracking_uri=uri,
+        data_path=cfg.data.path,
     )
 
 
@@ -353,13 +358,87 @@ def check_parity(model, onnx_path: Path, image_size: int, batch_sizes=PARITY_BAT
     return {"batch_sizes": list(batch_sizes), "max_abs_diff": diffs, "max": max(diffs.values())}
 
 
+def quantize_int8(fp32_path: Path, out_path: Path) -> Path:
+    """Dynamic int8 quantization (onnxruntime): MatMul/Gemm weights int8 per output channel, activations
+    quantized on the fly. Most of a ViT's CPU time is those MatMuls; the rest stays fp32."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # it warns "consider pre-processing" on the root logger at every call
+    try:
+        quantize_dynamic(str(fp32_path), str(out_path), weight_type=QuantType.QInt8, per_channel=True)
+    finally:
+        root.setLevel(level)
+    return out_path
+
+
+def _val_images(bundle: ModelBundle, limit: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """Up to ``limit`` val images (decoded, normalised) and labels of the model's dataset, if it is here."""
+    import pyarrow.parquet as pq
+
+    from vitlab.data.manifest import load_manifest
+    from vitlab.data.transforms import decode_val
+
+    try:
+        manifest = load_manifest(bundle.data_path) if bundle.data_path else None
+    except UserError:
+        return None
+    if manifest is None or manifest.rows("val") == 0:
+        return None
+    images, labels = [], []
+    for f in manifest.files("val"):
+        table = pq.read_table(f, columns=["image", "label"]).to_pydict()
+        for data, label in zip(table["image"], table["label"], strict=True):
+            images.append(decode_val(data, bundle.image_size, bundle.crop_pct))
+            labels.append(label)
+            if len(images) == limit:
+                break
+        if len(images) == limit:
+            break
+    return normalize(np.stack(images), bundle.mean, bundle.std), np.asarray(labels)
+
+
+def check_int8(bundle: ModelBundle, int8_path: Path, min_agreement: float, threads: int | None = None,
+               limit: int = INT8_CHECK_IMAGES) -> dict[str, Any]:
+    """How often the int8 model's top-1 matches torch fp32's, on the model's own val images when its dataset
+    is on this machine (with both val top-1s), else on random inputs."""
+    import torch
+
+    val = _val_images(bundle, limit)
+    if val is None:
+        x = torch.randn(64, 3, bundle.image_size, bundle.image_size, generator=torch.Generator().manual_seed(0))
+        images, labels, on = x.numpy(), None, "random inputs"
+    else:
+        (images, labels), on = val, "val images"
+    session = ort_session(int8_path, threads)
+    ref, out = [], []
+    for i in range(0, len(images), 64):
+        batch = images[i:i + 64]
+        with torch.inference_mode():
+            ref.append(bundle.model(torch.from_numpy(batch)).float().numpy())
+        out.append(session.run([OUTPUT_NAME], {INPUT_NAME: batch})[0])
+    ref_top1, int8_top1 = np.concatenate(ref).argmax(1), np.concatenate(out).argmax(1)
+    report: dict[str, Any] = {"on": on, "images": len(images), "min_agreement": min_agreement,
+                              "top1_agreement": round(float((ref_top1 == int8_top1).mean()), 4)}
+    if labels is not None:
+        report["fp32_val_top1"] = round(float((ref_top1 == labels).mean()), 4)
+        report["int8_val_top1"] = round(float((int8_top1 == labels).mean()), 4)
+    report["ok"] = report["top1_agreement"] >= min_agreement
+    return report
+
+
 def export(bundle: ModelBundle, out_dir: str | Path, opset: int = DEFAULT_OPSET, atol: float = PARITY_ATOL,
-           log_to_mlflow: bool = True) -> dict[str, Any]:
+           log_to_mlflow: bool = True, quantize: str | None = None,
+           int8_min_agreement: float = INT8_MIN_AGREEMENT) -> dict[str, Any]:
     """Write OUT/model.onnx and OUT/classes.json, check onnxruntime against torch, log to the model's
-    MLflow run (when it came from one). Nothing is put in place unless parity holds."""
+    MLflow run (when it came from one). Nothing is put in place unless parity holds. ``quantize="int8"`` also
+    writes OUT/model.int8.onnx, put in place only if its top-1 agrees with fp32's often enough."""
     if bundle.model is None:
         raise UserError(f"{bundle.source}: already an ONNX export (give a model file, checkpoint or MLflow URI)")
     check_opset(opset)
+    if not 0.0 <= int8_min_agreement <= 1.0:
+        raise UserError(f"--int8-min-agreement {int8_min_agreement}: expected a share between 0 and 1")
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out}: exists and is not a directory")
@@ -374,8 +453,19 @@ def export(bundle: ModelBundle, out_dir: str | Path, opset: int = DEFAULT_OPSET,
             raise ParityError(
                 f"onnxruntime differs from torch by {parity['max']:.3g} > {atol:g} (max |diff| per batch size: "
                 f"{parity['max_abs_diff']}); nothing written to {out}")
+        files = [ONNX_FILE, CLASSES_FILE]
+        int8 = None
+        if quantize == "int8":
+            quantize_int8(tmp / ONNX_FILE, tmp / INT8_FILE)
+            int8 = check_int8(bundle, tmp / INT8_FILE, int8_min_agreement)
+            if not int8["ok"]:
+                raise ParityError(
+                    f"int8 top-1 agrees with fp32 on {int8['top1_agreement']:.1%} of {int8['images']} "
+                    f"{int8['on']} < {int8_min_agreement:.1%}; nothing written to {out}")
+            int8["bytes"] = (tmp / INT8_FILE).stat().st_size
+            files.append(INT8_FILE)
         out.mkdir(exist_ok=True)
-        for name in (ONNX_FILE, CLASSES_FILE):  # atomic per file: a crash never leaves a half-written model
+        for name in files:  # atomic per file: a crash never leaves a half-written model
             os.replace(tmp / name, out / name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -384,6 +474,8 @@ def export(bundle: ModelBundle, out_dir: str | Path, opset: int = DEFAULT_OPSET,
         "bytes": (out / ONNX_FILE).stat().st_size, "source": bundle.source, "num_classes": bundle.num_classes,
         "image_size": bundle.image_size, "parity": parity, "mlflow_run_id": bundle.run_id, "mlflow_model_uri": None,
     }
+    if int8 is not None:
+        report["int8"] = {"onnx": str(out / INT8_FILE), **int8}
     if bundle.run_id and log_to_mlflow:
         from vitlab.tracking import log_onnx_model
 
@@ -400,6 +492,12 @@ def format_export(report: dict[str, Any]) -> str:
         f"and {report['classes_json']} ({report['num_classes']} classes, {report['image_size']} px)",
         f"parity onnxruntime vs torch (fp32): max |diff| {per_batch} <= {p['atol']:g}: OK",
     ]
+    q = report.get("int8")
+    if q:
+        accuracy = (f"; val top-1 int8 {q['int8_val_top1']:.2%} vs fp32 {q['fp32_val_top1']:.2%}"
+                    if "int8_val_top1" in q else "")
+        lines.append(f"wrote {q['onnx']} ({q['bytes'] / 1e6:.1f} MB, dynamic int8): top-1 agrees with fp32 on "
+                     f"{q['top1_agreement']:.1%} of {q['images']} {q['on']}{accuracy}: OK")
     if report.get("mlflow_model_uri"):
         lines.append(f"logged to MLflow run {report['mlflow_run_id']}: {report['mlflow_model_uri']}")
     return "\n".join(lines)

@@ -1,8 +1,9 @@
-"""`vitlab bench infer`: one model, three CPU runtimes side by side, in one invocation.
+"""`vitlab bench infer`: one model, four CPU runtimes side by side, in one invocation.
 
 (a) torch eager (``inference_mode``), (b) ``torch.compile`` (inductor; where it works here, else reported as
 unavailable with the reason), (c) onnxruntime on the model exported by ``vitlab export``'s code path (graph
-optimisation level ALL, intra-op threads = the cores).
+optimisation level ALL, intra-op threads = the cores), (d) onnxruntime on that model quantized as
+``vitlab export --quantize int8`` does (dynamic int8 weights).
 
 For each: batch-1 latency (p50, p90 over timed iterations after a warm-up) and batch-N throughput. The
 measurements are interleaved in rounds (eager, compile, onnxruntime, eager, ...) so that a change in the
@@ -50,7 +51,7 @@ def build_runtimes(model, image_size: int, threads: int, compile: bool, opset: i
     or 'unavailable: reason')."""
     import torch
 
-    from vitlab.export import INPUT_NAME, OUTPUT_NAME, export_onnx_file, ort_session
+    from vitlab.export import INPUT_NAME, INT8_FILE, OUTPUT_NAME, export_onnx_file, ort_session, quantize_int8
 
     notes: dict[str, Any] = {}
     runtimes: dict[str, Callable[[np.ndarray], Any] | None] = {}
@@ -100,6 +101,29 @@ def build_runtimes(model, image_size: int, threads: int, compile: bool, opset: i
         log.warning("onnxruntime unavailable: %s", e)
         notes["onnxruntime"] = {"unavailable": _first_line(e)}
         runtimes["onnxruntime"] = None
+    if runtimes["onnxruntime"] is None:
+        notes["onnxruntime_int8"] = {"unavailable": "no fp32 ONNX model"}
+        runtimes["onnxruntime_int8"] = None
+        return runtimes, notes
+    try:  # what `vitlab export --quantize int8` writes, from the same fp32 file
+        t0 = time.perf_counter()
+        int8_session = ort_session(quantize_int8(path, workdir / INT8_FILE), threads)
+        quantize_s = time.perf_counter() - t0
+        runtimes["onnxruntime_int8"] = lambda x: int8_session.run([OUTPUT_NAME], {INPUT_NAME: x})
+        x8 = np.random.default_rng(2).standard_normal((8, 3, image_size, image_size), dtype=np.float32)
+        with torch.inference_mode():
+            ref = model(torch.from_numpy(x8)).numpy()
+        out = int8_session.run([OUTPUT_NAME], {INPUT_NAME: x8})[0]
+        notes["onnxruntime_int8"] = {
+            "quantize_s": round(quantize_s, 1), "max_abs_diff_vs_eager": float(np.abs(out - ref).max()),
+            # random weights and inputs: a numerics check only; `vitlab export --quantize int8` measures a
+            # trained model's agreement on its val images
+            "top1_agreement_vs_eager": float((out.argmax(1) == ref.argmax(1)).mean()),
+            "quantization": "dynamic, int8 weights per channel", "intra_op_threads": threads}
+    except Exception as e:
+        log.warning("onnxruntime int8 unavailable: %s", e)
+        notes["onnxruntime_int8"] = {"unavailable": _first_line(e)}
+        runtimes["onnxruntime_int8"] = None
     return runtimes, notes
 
 
@@ -168,7 +192,7 @@ def bench_infer(model_name: str = "vit_small_patch16_224", image_size: int = 224
     eager = results["torch_eager"]
     key = f"batch{batch_size}_images_per_s"
     ratios = {}
-    for name in ("torch_compile", "onnxruntime"):
+    for name in ("torch_compile", "onnxruntime", "onnxruntime_int8"):
         r = results[name]
         if "batch1_p50_ms" in r:
             ratios[name] = {"batch1_p50_vs_eager": round(r["batch1_p50_ms"] / eager["batch1_p50_ms"], 3),
@@ -201,15 +225,15 @@ def format_report(report: dict[str, Any]) -> str:
     key = f"batch{b}_images_per_s"
     lines = [f"{s['model']} {s['image_size']}px, {s['threads']} threads, {s['iters']} batch-1 iterations "
              f"(p50 / p90), batch {b} throughput",
-             f"{'runtime':<15}{'p50 ms':>9}{'p90 ms':>9}{'img/s':>9}{'p50 vs eager':>14}{'img/s vs eager':>16}"]
-    for name in ("torch_eager", "torch_compile", "onnxruntime"):
+             f"{'runtime':<18}{'p50 ms':>9}{'p90 ms':>9}{'img/s':>9}{'p50 vs eager':>14}{'img/s vs eager':>16}"]
+    for name in ("torch_eager", "torch_compile", "onnxruntime", "onnxruntime_int8"):
         r = report[name]
         if "batch1_p50_ms" not in r:
-            lines.append(f"{name:<15}{r.get('unavailable', 'unavailable')}")
+            lines.append(f"{name:<18}{r.get('unavailable', 'unavailable')}")
             continue
         ratio = report["ratios"].get(name, {})
         lat_r = f"{ratio['batch1_p50_vs_eager']:.2f}x" if ratio else "1.00x"
         thr_r = f"{ratio[f'{key}_vs_eager']:.2f}x" if ratio else "1.00x"
-        lines.append(f"{name:<15}{r['batch1_p50_ms']:>9.1f}{r['batch1_p90_ms']:>9.1f}{r[key]:>9.1f}"
+        lines.append(f"{name:<18}{r['batch1_p50_ms']:>9.1f}{r['batch1_p90_ms']:>9.1f}{r[key]:>9.1f}"
                      f"{lat_r:>14}{thr_r:>16}")
     return "\n".join(lines)
