@@ -354,7 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
     bd.set_defaults(func=cmd_bench_data)
 
     bi = bench.add_parser("infer", help="batch-1 latency and batch throughput: torch eager, torch.compile, "
-                          "onnxruntime")
+                          "onnxruntime fp32 and int8")
     bi.add_argument("--model", default="vit_small_patch16_224", help="timm model name (random weights)")
     bi.add_argument("--image-size", type=int, default=224)
     bi.add_argument("--batch-size", type=int, default=32, help="batch size of the throughput measurement")

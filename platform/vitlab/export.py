@@ -186,10 +186,9 @@ def _head_classes(cfg, state_dict: dict[str, Any]) -> int:
     raise UserError(f"cannot tell the number of classes: no '{name}' classifier in the weights")
 
 
-def _build(cfg, state_dict: dict[str, Any], classes: list[str] | None, source: str):
+def _build(cfg, state_dict: dict[str, Any], num_classes: int, source: str):
     from vitlab.model import create_model, timm_kwargs
 
-    num_classes = len(classes) if classes else _head_classes(cfg, state_dict)
     model = create_model(cfg.model.name, num_classes, timm_kwargs(cfg))
     try:
         model.load_state_dict(state_dict, strict=True)
@@ -203,9 +202,9 @@ def _build(cfg, state_dict: dict[str, Any], classes: list[str] | None, source: s
 def _from_config(cfg, state_dict, classes, wnids, source: str, run_id=None, uri=None) -> ModelBundle:
     from vitlab.model import timm_kwargs
 
-    model = _build(cfg, state_dict, classes, source)
     if not classes:
         classes = [str(i) for i in range(_head_classes(cfg, state_dict))]
+    model = _build(cfg, state_dict, len(classes), source)
     return ModelBundle(
         source=source, classes=list(classes), wnids=wnids, image_size=cfg.data.image_size,
         mean=tuple(cfg.data.mean), std=tuple(cfg.data.std), crop_pct=cfg.data.crop_pct,
@@ -382,7 +381,7 @@ def _val_images(bundle: ModelBundle, limit: int) -> tuple[np.ndarray, np.ndarray
 
     try:
         manifest = load_manifest(bundle.data_path) if bundle.data_path else None
-    except UserError:
+    except (UserError, OSError):  # the dataset is not on this machine (or its bucket is not reachable)
         return None
     if manifest is None or manifest.rows("val") == 0:
         return None

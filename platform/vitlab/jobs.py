@@ -113,8 +113,9 @@ def _address_env_cleared() -> Iterator[None]:
         os.environ.update(saved)
 
 
-def _auth_error(address: str, token: Token | None, status: int) -> UserError:
-    if status == 401 or token is None:
+def _auth_error(address: str, token: Token | None, e: Exception) -> UserError:
+    """Ray's AuthenticationError as one line: no token sent (or none accepted at all), or the wrong one."""
+    if token is None or "Authentication required" in str(e):
         return UserError(f"the Ray cluster at {address} requires an authentication token and none was found: "
                          f"{TOKEN_HELP}")
     return UserError(f"the Ray cluster at {address} refused the token from {token.source}: it is not this "
@@ -135,8 +136,7 @@ class Jobs:
             with _address_env_cleared():
                 self.client = JobSubmissionClient(self.address, headers=headers)
         except AuthenticationError as e:
-            raise _auth_error(self.address, self.token, 401 if "Authentication required" in str(e) else 403) \
-                from None
+            raise _auth_error(self.address, self.token, e) from None
         except ConnectionError:
             raise UserError(f"no Ray cluster answers at {self.address} (start one with `ray up cluster.yaml`, "
                             "open a tunnel with `ray dashboard cluster.yaml`, or pass --address)") from None
@@ -148,8 +148,7 @@ class Jobs:
         try:
             return getattr(self.client, method)(*args, **kwargs)
         except AuthenticationError as e:
-            raise _auth_error(self.address, self.token, 401 if "Authentication required" in str(e) else 403) \
-                from None
+            raise _auth_error(self.address, self.token, e) from None
         except RuntimeError as e:
             if "status code 404" in str(e) or "does not exist" in str(e):
                 job = args[0] if args else kwargs.get("job_id", "")
@@ -300,18 +299,13 @@ def new_job_id(command: str) -> str:
     return f"vitlab-{command}-{datetime.now():%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
 
 
-def _git_metadata(cwd: str | Path) -> dict[str, str]:
-    """The submitted code's commit, kept in the job's metadata (the working dir travels without .git)."""
-    from vitlab.tracking import git_info
-
-    return git_info(str(cwd))
-
-
 def submit(argv: list[str], address: str | None = None, working_dir: str | Path = ".", wait: bool = True,
            tracking_uri: str | None = None, storage_path: str | None = None, env: dict[str, str] | None = None,
            python: str = "python", job_id: str | None = None, out=None) -> int:
     """Submit ``vitlab <argv>`` as a Ray job; with ``wait``, stream its logs until it ends. Returns the exit
     code: 0 only if the job SUCCEEDED (or, without ``wait``, was accepted)."""
+    from vitlab.tracking import git_info
+
     out = out or sys.stdout
     argv = check_command(argv, working_dir)
     jobs = Jobs(address)
@@ -324,7 +318,8 @@ def submit(argv: list[str], address: str | None = None, working_dir: str | Path 
             "py_modules": [str(pkg)],
             "env_vars": job_env(job_id, tracking_uri, storage_path, env),
         }
-        metadata = {"vitlab.command": shlex.join(argv), **_git_metadata(working_dir)}
+        # the submitted code's commit: the working dir travels without .git
+        metadata = {"vitlab.command": shlex.join(argv), **git_info(str(working_dir))}
         # The upload happens inside submit_job, so the staged copy may go when it returns.
         jobs.call("submit_job", entrypoint=entrypoint, submission_id=job_id, runtime_env=runtime_env,
                   metadata=metadata)

@@ -54,14 +54,14 @@ def _forwarding_callback(q):
     return ForwardToTrial()
 
 
-def _pointer_checkpoint(train_ckpt: str, generation: int):
-    """A Tune checkpoint that only names the Train checkpoint (no model bytes copied again)."""
+def _pointer_checkpoint(train_ckpt: str, generation: int, epoch: int):
+    """A Tune checkpoint that only names the Train checkpoint (no model bytes copied again) and its epoch."""
     import tempfile
 
     from ray import tune
 
     d = Path(tempfile.mkdtemp(prefix="vitlab-pointer-"))
-    (d / POINTER_FILE).write_text(json.dumps({"path": train_ckpt, "generation": generation}))
+    (d / POINTER_FILE).write_text(json.dumps({"path": train_ckpt, "generation": generation, "epoch": epoch}))
     return tune.Checkpoint.from_directory(str(d))
 
 
@@ -71,16 +71,6 @@ def _read_pointer(ckpt) -> dict[str, Any] | None:
     with ckpt.as_directory() as d:
         f = Path(d) / POINTER_FILE
         return json.loads(f.read_text()) if f.is_file() else None
-
-
-def _checkpoint_epoch(path: str) -> int:
-    """The last finished epoch of a vitlab Train checkpoint, local or in object storage."""
-    import ray.train
-
-    from vitlab.train.state import load_metrics
-
-    with ray.train.Checkpoint(path).as_directory() as d:
-        return int((load_metrics(d) or {}).get("epoch", 0))
 
 
 def trial_config(base: dict[str, Any], overrides: dict[str, Any]) -> JobConfig:
@@ -105,7 +95,7 @@ def run_trial(config: dict[str, Any], base: dict[str, Any], sweep_dir: str, pare
             generation += 1  # a PBT exploit: continue from the donor's checkpoint under a fresh Train run
     name = trial_id if generation == 0 else f"{trial_id}_g{generation}"
     cfg = trial_config(base, {**config, "run.name": name, "run.storage_path": f"{sweep_dir}/trials"})
-    if resume_from and _checkpoint_epoch(resume_from) >= cfg.train.epochs:
+    if pointer and pointer.get("epoch", 0) >= cfg.train.epochs:
         # PBT exploits at its last perturbation too: the donor's checkpoint is already the final epoch, so
         # this trial is done (a Train run with no epoch left would end without a checkpoint of its own).
         return
@@ -135,7 +125,8 @@ def run_trial(config: dict[str, Any], base: dict[str, Any], sweep_dir: str, pare
                 break
             continue
         metrics = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
-        tune.report(metrics, checkpoint=_pointer_checkpoint(path, generation) if path else None)
+        checkpoint = _pointer_checkpoint(path, generation, int(metrics.get("epoch", 0))) if path else None
+        tune.report(metrics, checkpoint=checkpoint)
     worker.join()
     if "error" in outcome:
         raise outcome["error"]
@@ -195,8 +186,8 @@ def _scheduler(spec: SweepSpec, max_t: int):
 
 def _search_alg(spec: SweepSpec, base: JobConfig, concurrency: int):
     """Tune's search algorithm. With ``search.include_base`` the first trial is the base job's own values of
-    the searched keys (Tune's points_to_evaluate; it counts toward num_samples), so a sweep never ends below
-    the config it set out to improve on."""
+    the searched keys (Tune's points_to_evaluate; it counts toward num_samples): with a deterministic job it
+    reproduces the job run alone, the baseline the sweep set out to beat."""
     points = None
     if spec.search.get("include_base"):
         flat = base.flat()
@@ -301,7 +292,6 @@ def run_sweep(base: JobConfig, spec: SweepSpec, space_path: str, resume: bool = 
 
     from vitlab import tracking
     from vitlab.cluster import connect
-    from vitlab.tracking import start_run
     from vitlab.train.trainer import _run_tags, preflight, storage_root
 
     check_trial_values(base, spec)
@@ -319,7 +309,7 @@ def run_sweep(base: JobConfig, spec: SweepSpec, space_path: str, resume: bool = 
     parent_params = {"space": json.dumps(spec.params), "scheduler": json.dumps(spec.scheduler),
                      "search": json.dumps(spec.search), "metric": spec.metric, "mode": spec.mode,
                      "num_samples": spec.num_samples, "job": json.dumps(base.to_dict())}
-    parent_id, _ = start_run(uri, base.tracking.experiment, sweep_dir, name, parent_params,
+    parent_id, _ = tracking.start_run(uri, base.tracking.experiment, sweep_dir, name, parent_params,
                              {**_run_tags(base, manifest), "vitlab.kind": "sweep"}, resume=resume)
     concurrency = auto_concurrency(base) if spec.max_concurrent_trials == "auto" else spec.max_concurrent_trials
     log.info("sweep %s: %d trials, %d at a time, scheduler %s, search %s", name, spec.num_samples, concurrency,
