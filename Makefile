@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 VITLAB := $(VENV)/bin/vitlab
 DATA   ?= data/digits
 
-.PHONY: install demo test lint clean
+.PHONY: install demo test test-fast lint clean
 
 install: $(VENV)/.installed
 
@@ -27,8 +27,13 @@ demo: install
 lint: install
 	$(VENV)/bin/ruff check platform tests
 
+# Every test: the unit tier (pure) and the integration tier (real Ray, MLflow, clusters). CI runs this.
 test: lint
 	$(VENV)/bin/pytest -q tests
+
+# The unit tier alone: no Ray runtime, no processes; under a minute here.
+test-fast: lint
+	$(VENV)/bin/pytest -q tests/unit
 
 clean:
 	rm -rf $(VENV) data runs mlruns mlflow.db

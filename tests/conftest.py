@@ -1,34 +1,12 @@
-"""One real local Ray for the whole session, and the digits shards prepared once."""
+"""Test tiers: tests/unit (pure: no Ray runtime, no subprocess; `make test-fast`) and tests/integration (real
+Ray, MLflow and servers on 127.0.0.1). Shared helpers are in tests/support."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
+import os
 
-import pytest
+from vitlab.cluster import LOOPBACK_ENV
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-
-@pytest.fixture(scope="session")
-def ray_session():
-    import ray
-
-    from vitlab.cluster import start_local
-
-    if not ray.is_initialized():
-        start_local(num_cpus=2)
-    from ray.data import DataContext
-
-    DataContext.get_current().enable_progress_bars = False
-    yield ray
-    ray.shutdown()
-
-
-@pytest.fixture(scope="session")
-def digits_dir(ray_session, tmp_path_factory) -> str:
-    from vitlab.data.prepare import prepare
-
-    out = tmp_path_factory.mktemp("digits") / "shards"
-    prepare("digits", str(out))
-    return str(out)
+# Every Ray the tests start keeps its traffic on loopback (Ray resolves 127.0.0.1 to the interface address
+# otherwise); set before any Ray is imported, and inherited by the processes the tests run.
+os.environ[LOOPBACK_ENV] = "0"

@@ -1,19 +1,22 @@
-"""The ``vitlab`` command: parse arguments, call one function, print the human summary last.
-
-Bad input (a UserError anywhere below) is printed as one line and exits with code 2, no traceback.
+"""The ``vitlab`` command line: the parser, and ``main``, which routes each subcommand to its function in
+commands.py. Bad input (a UserError anywhere below) is printed as one line and exits with code 2, no
+traceback. The choices of --format, --quantize and --runtime come from the registries.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
+from vitlab import commands
+from vitlab.cluster import keep_local_ray_on_loopback
+from vitlab.data.sources import READERS
+from vitlab.deploy import onnx
+from vitlab.deploy.runtimes import RUNTIMES
 from vitlab.errors import UserError
 
 log = logging.getLogger("vitlab")
@@ -25,189 +28,6 @@ def _size(text: str) -> tuple[int, int]:
     except ValueError:
         raise argparse.ArgumentTypeError(f"'{text}': expected WIDTHxHEIGHT, e.g. 500x375") from None
     return w, h
-
-
-def write_json(path: str | None, payload: dict[str, Any]) -> None:
-    """Write ``payload`` to ``path`` atomically (temp file, then rename)."""
-    if not path:
-        return
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=str))
-    os.replace(tmp, target)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Subcommands
-
-
-def cmd_data_prepare(args: argparse.Namespace) -> None:
-    from vitlab.data.prepare import EncodeOptions, prepare, summary_line
-
-    manifest = prepare(
-        args.source,
-        args.out,
-        fmt=args.format,
-        val_fraction=args.val_fraction,
-        opts=EncodeOptions(max_side=args.max_side, quality=args.quality),
-        shard_rows=args.shard_rows,
-        overwrite=args.overwrite,
-        seed=args.seed,
-    )
-    print(summary_line(args.out, manifest))
-
-
-def cmd_data_synth(args: argparse.Namespace) -> None:
-    from vitlab.data.synth import synth_tree
-
-    counts = synth_tree(args.out, args.classes, args.per_class, args.size, args.quality, args.val_per_class,
-                        args.seed)
-    print(f"wrote {counts['train']} train and {counts['val']} val JPEGs ({args.classes} classes, "
-          f"{args.size[0]}x{args.size[1]}, q{args.quality}) to {args.out}")
-
-
-def cmd_bench_data(args: argparse.Namespace) -> None:
-    from vitlab.bench.data import bench_data, format_report
-
-    report = bench_data(args.source, image_size=args.image_size, batch_size=args.batch_size,
-                        max_side=args.max_side, quality=args.quality, seconds=args.seconds,
-                        workers=args.workers)
-    write_json(args.output_json, report)
-    print(format_report(report))
-
-
-def cmd_train(args: argparse.Namespace) -> None:
-    from vitlab.config import load_job
-    from vitlab.train.trainer import TrainingError, summary, train
-
-    cfg = load_job(args.job, args.overrides)
-    try:
-        outcome = train(cfg, resume_from=args.resume_from)
-    except TrainingError as e:
-        print(f"vitlab: training failed: {e}", file=sys.stderr)
-        raise SystemExit(1) from None
-    write_json(args.output_json, outcome.to_json())
-    print(summary(outcome))
-
-
-def cmd_sweep(args: argparse.Namespace) -> None:
-    from vitlab.config import load_job
-    from vitlab.tune.space import load_space
-    from vitlab.tune.sweep import format_table, run_sweep
-
-    cfg = load_job(args.job, args.overrides)
-    spec = load_space(args.space, args.num_samples)
-    report = run_sweep(cfg, spec, args.space, resume=args.resume)
-    write_json(args.output_json, report)
-    print(format_table(report))
-
-
-def cmd_ui(args: argparse.Namespace) -> None:
-    from vitlab.config import load_job
-    from vitlab.tracking import default_artifact_location, resolve_tracking_uri
-
-    cfg = load_job(args.job, args.overrides) if args.job else None
-    uri = resolve_tracking_uri(args.tracking_uri or (cfg.tracking.uri if cfg else None))
-    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host,
-           "--port", str(args.port)]
-    artifacts = default_artifact_location(uri)
-    if artifacts:
-        cmd += ["--default-artifact-root", artifacts]
-    print(f"MLflow UI for {uri}: http://{args.host}:{args.port}  (Ctrl-C to stop)", flush=True)
-    os.execv(sys.executable, cmd)
-
-
-def cmd_submit(args: argparse.Namespace) -> None:
-    from vitlab.jobs import parse_env, submit
-
-    code = submit(args.vitlab_args, address=args.address, working_dir=args.working_dir, wait=not args.no_wait,
-                  tracking_uri=args.tracking_uri, storage_path=args.storage_path, env=parse_env(args.env),
-                  python=args.python)
-    if code:
-        raise SystemExit(code)
-
-
-def cmd_jobs_list(args: argparse.Namespace) -> None:
-    from vitlab.jobs import list_jobs
-
-    print(list_jobs(args.address))
-
-
-def cmd_jobs_logs(args: argparse.Namespace) -> None:
-    from vitlab.jobs import job_logs
-
-    code = job_logs(args.job_id, args.address, follow_logs=args.follow)
-    if code:
-        raise SystemExit(code)
-
-
-def cmd_jobs_status(args: argparse.Namespace) -> None:
-    from vitlab.jobs import job_status
-
-    print(job_status(args.job_id, args.address))
-
-
-def cmd_jobs_stop(args: argparse.Namespace) -> None:
-    from vitlab.jobs import stop_job
-
-    print(stop_job(args.job_id, args.address))
-
-
-def cmd_export(args: argparse.Namespace) -> None:
-    from vitlab.export import ParityError, export, format_export, load_bundle
-
-    bundle = load_bundle(args.model, args.tracking_uri)
-    try:
-        report = export(bundle, args.out, opset=args.opset, atol=args.atol, quantize=args.quantize,
-                        int8_min_agreement=args.int8_min_agreement)
-    except ParityError as e:
-        print(f"vitlab: export failed the parity check: {e}", file=sys.stderr)
-        raise SystemExit(1) from None
-    write_json(args.output_json, report)
-    print(format_export(report))
-
-
-def cmd_register(args: argparse.Namespace) -> None:
-    from vitlab.tracking import register_model
-
-    report = register_model(args.tracking_uri, args.run_id, args.name, args.alias)
-    write_json(args.output_json, report)
-    alias = f" (alias {report['alias']})" if report["alias"] else ""
-    print(f"registered {report['source']} as {report['name']} version {report['version']}{alias}: "
-          f"{report['model_uri']} in {report['tracking_uri']}")
-
-
-def cmd_predict(args: argparse.Namespace) -> None:
-    from vitlab.export import format_predictions, load_bundle, predict
-
-    bundle = load_bundle(args.model, args.tracking_uri)
-    report = predict(bundle, args.images, top_k=args.top_k, batch_size=args.batch_size)
-    for r in report["results"]:
-        if "error" in r:
-            print(f"vitlab: {r['path']}: {r['error']}", file=sys.stderr)
-    write_json(args.output_json, report)
-    print(format_predictions(report))
-
-
-def cmd_bench_infer(args: argparse.Namespace) -> None:
-    from vitlab.bench.infer import bench_infer, format_report
-
-    report = bench_infer(model_name=args.model, image_size=args.image_size, batch_size=args.batch_size,
-                         threads=args.threads, iters=args.iters, compile=not args.no_compile, quick=args.quick,
-                         opset=args.opset)
-    write_json(args.output_json, report)
-    print(format_report(report))
-
-
-def cmd_bench_train(args: argparse.Namespace) -> None:
-    from vitlab.bench.train import bench_train, format_report
-
-    report = bench_train(model_name=args.model, image_size=args.image_size, batch_size=args.batch_size,
-                         steps=args.steps, warmup=args.warmup, threads=args.threads, windows=args.windows,
-                         quick=args.quick)
-    write_json(args.output_json, report)
-    print(format_report(report))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -227,17 +47,17 @@ def build_parser() -> argparse.ArgumentParser:
     prep = data.add_parser("prepare", help="raw images -> Parquet shards + manifest (a Ray Data job)")
     prep.add_argument("source", help="dataset folder, or 'digits' (scikit-learn's digits, built in)")
     prep.add_argument("--out", required=True, help="output directory (or s3:// URI)")
-    prep.add_argument("--format", choices=["digits", "imagenet", "folders", "tiny_imagenet", "cifar100"],
-                      help="source layout (default: detected)")
-    prep.add_argument("--val-fraction", type=float, default=0.1,
-                      help="share of each class held out as val when the source has no val split")
+    prep.add_argument("--format", choices=list(READERS), help="source layout (default: detected)")
+    prep.add_argument("--val-fraction", type=float,
+                      help="share of each class held out as val when the source has no val split (default 0.1; "
+                      "digits: 0.2)")
     prep.add_argument("--max-side", type=int, help="re-encode images whose longer side exceeds this")
     prep.add_argument("--quality", type=int, help="JPEG quality for re-encoded images (1-100)")
     prep.add_argument("--shard-rows", type=int, help="rows per Parquet shard (default: 1024, fewer for "
                       "small datasets)")
     prep.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     prep.add_argument("--seed", type=int, default=0, help="seed for the val split and shard shuffling")
-    prep.set_defaults(func=cmd_data_prepare)
+    prep.set_defaults(func=commands.cmd_data_prepare)
 
     synth = data.add_parser("synth", help="an ImageNet-like class-folder tree of synthetic JPEGs")
     synth.add_argument("--out", required=True)
@@ -247,14 +67,14 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--size", type=_size, default=(500, 375), help="WIDTHxHEIGHT (default 500x375)")
     synth.add_argument("--quality", type=int, default=90)
     synth.add_argument("--seed", type=int, default=0)
-    synth.set_defaults(func=cmd_data_synth)
+    synth.set_defaults(func=commands.cmd_data_synth)
 
     tr = sub.add_parser("train", help="train a job on Ray Train (RAY_ADDRESS or a local Ray)")
     tr.add_argument("job", help="jobs/*.yaml")
     tr.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. optim.lr=3e-4")
     tr.add_argument("--resume-from", help="start from this checkpoint directory")
     tr.add_argument("--output-json", help="write the outcome (accuracy, run id, paths) here")
-    tr.set_defaults(func=cmd_train)
+    tr.set_defaults(func=commands.cmd_train)
 
     sw = sub.add_parser("sweep", help="a Ray Tune sweep over a search space in search_spaces/")
     sw.add_argument("job", help="jobs/*.yaml: the base JobConfig of every trial")
@@ -263,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--num-samples", type=int, help="override the space's num_samples")
     sw.add_argument("--resume", action="store_true", help="continue an interrupted sweep (Tuner.restore)")
     sw.add_argument("--output-json")
-    sw.set_defaults(func=cmd_sweep)
+    sw.set_defaults(func=commands.cmd_sweep)
 
     ui = sub.add_parser("ui", help="start the MLflow UI for the configured store, on 127.0.0.1")
     ui.add_argument("job", nargs="?", help="a job file whose tracking.uri to use (default: "
@@ -272,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     ui.add_argument("--tracking-uri")
     ui.add_argument("--host", default="127.0.0.1")
     ui.add_argument("--port", type=int, default=5000)
-    ui.set_defaults(func=cmd_ui)
+    ui.set_defaults(func=commands.cmd_ui)
 
     address_help = ("the cluster's dashboard / job API URL (default: $RAY_API_SERVER_ADDRESS, $RAY_ADDRESS, "
                     "http://127.0.0.1:8265, where `ray dashboard cluster.yaml` forwards it)")
@@ -291,15 +111,15 @@ def build_parser() -> argparse.ArgumentParser:
                     "(default: python)")
     sm.add_argument("vitlab_args", nargs=argparse.REMAINDER, metavar="-- COMMAND",
                     help="a vitlab command and its arguments, after --")
-    sm.set_defaults(func=cmd_submit)
+    sm.set_defaults(func=commands.cmd_submit, parser=p)  # it checks the command it submits with this parser
 
     jobs = sub.add_parser("jobs", help="Ray jobs on a cluster: list, logs, status, stop").add_subparsers(
         dest="jobs_command", required=True)
     jl = jobs.add_parser("list", help="submitted jobs, newest first")
     jl.add_argument("--address", help=address_help)
-    jl.set_defaults(func=cmd_jobs_list)
-    for name, func, text in (("logs", cmd_jobs_logs, "a job's logs"), ("status", cmd_jobs_status,
-                             "a job's status"), ("stop", cmd_jobs_stop, "stop a job and wait until it has")):
+    jl.set_defaults(func=commands.cmd_jobs_list)
+    for name, func, text in (("logs", commands.cmd_jobs_logs, "a job's logs"), ("status", commands.cmd_jobs_status,
+                             "a job's status"), ("stop", commands.cmd_jobs_stop, "stop a job and wait until it has")):
         jp = jobs.add_parser(name, help=text)
         jp.add_argument("job_id", metavar="JOB_ID")
         jp.add_argument("--address", help=address_help)
@@ -311,17 +131,19 @@ def build_parser() -> argparse.ArgumentParser:
     ex = sub.add_parser("export", help="a trained model -> DIR/model.onnx + classes.json, checked against torch")
     ex.add_argument("model", metavar="MODEL", help=MODEL_HELP)
     ex.add_argument("--out", required=True, help="output directory")
-    ex.add_argument("--format", choices=["onnx"], default="onnx")
-    ex.add_argument("--opset", type=int, default=17, help="ONNX opset (14-20, default 17)")
-    ex.add_argument("--atol", type=float, default=1e-4, help="parity tolerance: max |onnxruntime - torch| in fp32")
-    ex.add_argument("--quantize", choices=["int8"], help="also write DIR/model.int8.onnx (dynamic int8 weights), "
-                    "checked by its top-1 agreement with fp32 on the model's val images")
-    ex.add_argument("--int8-min-agreement", type=float, default=0.99,
-                    help="least share of check images where int8 and fp32 top-1 agree (default 0.99)")
+    ex.add_argument("--opset", type=int, default=onnx.DEFAULT_OPSET,
+                    help=f"ONNX opset ({onnx.MIN_OPSET}-{onnx.MAX_OPSET}, default {onnx.DEFAULT_OPSET})")
+    ex.add_argument("--atol", type=float, default=onnx.PARITY_ATOL,
+                    help="parity tolerance: max |onnxruntime - torch| in fp32")
+    ex.add_argument("--quantize", choices=list(onnx.QUANTIZERS), help="also write DIR/model.int8.onnx (dynamic "
+                    "int8 weights), checked by its top-1 agreement with fp32 on the model's val images")
+    ex.add_argument("--int8-min-agreement", type=float, default=onnx.INT8_MIN_AGREEMENT,
+                    help=f"least share of check images where int8 and fp32 top-1 agree "
+                    f"(default {onnx.INT8_MIN_AGREEMENT})")
     ex.add_argument("--tracking-uri", help="MLflow store for runs:/ and models:/ URIs (default: "
                     "$MLFLOW_TRACKING_URI or ./mlflow.db)")
     ex.add_argument("--output-json")
-    ex.set_defaults(func=cmd_export)
+    ex.set_defaults(func=commands.cmd_export)
 
     reg = sub.add_parser("register", help="register a run's model in the MLflow Model Registry")
     reg.add_argument("run_id", metavar="RUN_ID", help="MLflow run id (from 'vitlab train' or the UI)")
@@ -329,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     reg.add_argument("--alias", help="alias to point at the new version, e.g. champion")
     reg.add_argument("--tracking-uri")
     reg.add_argument("--output-json")
-    reg.set_defaults(func=cmd_register)
+    reg.set_defaults(func=commands.cmd_register)
 
     pr = sub.add_parser("predict", help="top-k classes of images with the val preprocessing")
     pr.add_argument("model", metavar="MODEL", help=f"{MODEL_HELP}, or an export directory")
@@ -338,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--batch-size", type=int, default=32)
     pr.add_argument("--tracking-uri")
     pr.add_argument("--output-json")
-    pr.set_defaults(func=cmd_predict)
+    pr.set_defaults(func=commands.cmd_predict)
 
     bench = sub.add_parser("bench", help="side-by-side benchmarks").add_subparsers(dest="bench_command",
                                                                                   required=True)
@@ -346,12 +168,12 @@ def build_parser() -> argparse.ArgumentParser:
     bd.add_argument("source", help="a class-folder tree (train/<class>/*.JPEG), e.g. from 'vitlab data synth'")
     bd.add_argument("--image-size", type=int, default=224)
     bd.add_argument("--batch-size", type=int, default=128)
-    bd.add_argument("--max-side", type=int, default=256, help="prepare's re-encode size (README's ImageNet setting)")
+    bd.add_argument("--max-side", type=int, default=256, help="prepare's re-encode size (ImageNet's)")
     bd.add_argument("--quality", type=int, default=90)
     bd.add_argument("--seconds", type=float, default=30.0, help="measuring time per side")
     bd.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="DataLoader worker processes")
     bd.add_argument("--output-json")
-    bd.set_defaults(func=cmd_bench_data)
+    bd.set_defaults(func=commands.cmd_bench_data)
 
     bi = bench.add_parser("infer", help="batch-1 latency and batch throughput: torch eager, torch.compile, "
                           "onnxruntime fp32 and int8")
@@ -360,11 +182,13 @@ def build_parser() -> argparse.ArgumentParser:
     bi.add_argument("--batch-size", type=int, default=32, help="batch size of the throughput measurement")
     bi.add_argument("--iters", type=int, help="timed batch-1 iterations per runtime (default 60; quick 6)")
     bi.add_argument("--threads", type=int, help="intra-op threads for every runtime (default: all cores)")
-    bi.add_argument("--opset", type=int, default=17)
+    bi.add_argument("--opset", type=int, default=onnx.DEFAULT_OPSET)
+    bi.add_argument("--runtime", action="append", choices=list(RUNTIMES),
+                    help="a runtime to time (repeatable; default: all; torch_eager always runs, as the reference)")
     bi.add_argument("--no-compile", action="store_true", help="skip torch.compile")
     bi.add_argument("--quick", action="store_true", help="a tiny model and a few iterations (tests)")
     bi.add_argument("--output-json")
-    bi.set_defaults(func=cmd_bench_infer)
+    bi.set_defaults(func=commands.cmd_bench_infer)
 
     bt = bench.add_parser("train", help="train steps inside a Ray Train worker vs a plain PyTorch loop")
     bt.add_argument("--model", default="vit_tiny_patch16_224", help="timm model name (random weights)")
@@ -378,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "cores)")
     bt.add_argument("--quick", action="store_true", help="a tiny model and a few steps (tests)")
     bt.add_argument("--output-json")
-    bt.set_defaults(func=cmd_bench_train)
+    bt.set_defaults(func=commands.cmd_bench_train)
     return p
 
 
@@ -392,6 +216,7 @@ def _validate_common(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    keep_local_ray_on_loopback()
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,

@@ -9,6 +9,16 @@ import socket
 log = logging.getLogger(__name__)
 
 
+LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+def keep_local_ray_on_loopback() -> None:
+    """Called before ray is imported: a Ray this process starts (no RAY_ADDRESS) binds to 127.0.0.1 only. Not
+    for a cluster's own processes, whose nodes are registered under their real addresses."""
+    if os.environ.get("RAY_ADDRESS", "") in ("", "local"):  # "local": ray.init starts a new local Ray
+        os.environ.setdefault(LOOPBACK_ENV, "0")
+
+
 def connect(num_cpus: int | None = None) -> None:
     """Connect once per process. ``RAY_ADDRESS`` (or a job's own cluster) wins; otherwise start a local
     Ray whose dashboard listens on 127.0.0.1 only (Ray Train's state checks need the dashboard)."""
@@ -27,6 +37,10 @@ def connect(num_cpus: int | None = None) -> None:
 
 def start_local(num_cpus: int | None = None) -> None:
     """A local Ray whose dashboard (and State API) listens on 127.0.0.1, on a port every process is told.
+
+    Its nodes stay on loopback when RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 was in the environment before ray was
+    imported (Ray reads it once, at import): `vitlab` sets it when no RAY_ADDRESS names a cluster, and the
+    test suite for the whole session. On Linux Ray otherwise turns 127.0.0.1 into the interface address.
 
     Ray Train's PlacementGroupCleaner asks the State API whether a Train controller is still alive, and
     finds it by looking for "the" Ray on this machine. With a second Ray running (a test cluster, another

@@ -154,6 +154,20 @@ class JobConfig(Section):
             _set_dotted(raw, key, value, source)
         return validate(raw, source)
 
+    @classmethod
+    def from_yaml(cls, text: str, source: str, overrides: list[str] | dict[str, Any] | None = None) -> JobConfig:
+        """The one loader: YAML text (a job file, a checkpoint's config.yaml, an MLflow artifact) plus
+        overrides, validated once. ``source`` names the text in errors."""
+        return cls.from_raw(parse_yaml(text, source) or {}, source, overrides)
+
+    @classmethod
+    def from_raw(cls, raw: Any, source: str, overrides: list[str] | dict[str, Any] | None = None) -> JobConfig:
+        over = parse_overrides(overrides) if isinstance(overrides, list) else dict(overrides or {})
+        if isinstance(raw, dict):  # anything else is refused by validate, naming the source
+            for key, value in over.items():
+                _set_dotted(raw, key, value, f"{source} (override {key})")
+        return validate(raw, source)
+
 
 # ---------------------------------------------------------------------------------------------------------
 # Loading and validation
@@ -267,28 +281,33 @@ def _set_dotted(raw: dict[str, Any], key: str, value: Any, source: str) -> None:
     node[last] = value
 
 
+def parse_yaml(text: str, source: str) -> Any:
+    """YAML text -> Python values (safe_load: a file's tags construct no objects); a syntax error is one line."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark else ""
+        raise ConfigError(f"{source}: not valid YAML{where}: {getattr(e, 'problem', e)}") from None
+
+
 def read_yaml(path: str | Path) -> Any:
+    """A YAML file's values ({} for an empty file); a missing, unreadable or non-UTF-8 file is one line."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"{p}: job file not found" if not p.exists() else f"{p}: not a file")
     try:
-        return yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" (line {mark.line + 1})" if mark else ""
-        raise ConfigError(f"{p}: not valid YAML{where}: {getattr(e, 'problem', e)}") from None
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{p}: not UTF-8 text (byte {e.start}); expected a YAML file") from None
+    return parse_yaml(text, str(p)) or {}
 
 
 def load_job(path: str | Path | None, overrides: list[str] | dict[str, Any] | None = None) -> JobConfig:
-    """Read a job file (or the defaults when ``path`` is None), apply overrides, validate once."""
+    """Read a job file (or the defaults when ``path`` is None), apply overrides, validate once. A job without
+    run.name is named after its file."""
     raw = read_yaml(path) if path else {}
-    source = str(path) if path else "defaults"
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{source}: expected a mapping of sections ({_sections()}), got {type(raw).__name__}")
-    over = parse_overrides(overrides) if isinstance(overrides, list) else dict(overrides or {})
-    for key, value in over.items():
-        _set_dotted(raw, key, value, f"{source} (override {key})")
-    cfg = validate(raw, source)
+    cfg = JobConfig.from_raw(raw, str(path) if path else "defaults", overrides)
     if cfg.run.name is None and path:
         cfg.run.name = Path(path).stem
     return cfg

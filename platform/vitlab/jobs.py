@@ -35,7 +35,13 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from ray.exceptions import AuthenticationError
+from ray.job_submission import JobSubmissionClient
+
+import vitlab
 from vitlab.errors import UserError
+from vitlab.tracking import git_info
+from vitlab.train.storage import STORAGE_ENV
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +56,6 @@ TOP_LEVEL_EXCLUDES = {".git", ".venv", "venv", "data", "runs", "mlruns", "mlarti
 # ... and names at any depth (the package's own `vitlab/data` subpackage must stay, hence two lists).
 ANY_LEVEL_EXCLUDES = {"__pycache__", ".DS_Store", ".ipynb_checkpoints"}
 ANY_LEVEL_SUFFIXES = (".pyc", ".egg-info", ".db", ".tmp")
-# Commands that make no sense as a job: a job cannot submit jobs, and the MLflow UI is a local server.
-NOT_AS_JOB = {"submit", "jobs", "ui"}
 TOKEN_HELP = ("set RAY_AUTH_TOKEN, or RAY_AUTH_TOKEN_PATH to a file holding it, or copy the head node's "
               "~/.ray/auth_token here (`ray get-auth-token` on the head prints it)")
 
@@ -126,9 +130,6 @@ class Jobs:
     """A JobSubmissionClient with vitlab's address and token rules and one-line errors."""
 
     def __init__(self, address: str | None = None):
-        from ray.exceptions import AuthenticationError
-        from ray.job_submission import JobSubmissionClient
-
         self.address = resolve_address(address)
         self.token = find_token()
         headers = {"Authorization": f"Bearer {self.token.value}"} if self.token else {}
@@ -143,8 +144,6 @@ class Jobs:
 
     def call(self, method: str, *args, **kwargs):
         """One SDK call, with auth and unknown-job errors turned into UserError."""
-        from ray.exceptions import AuthenticationError
-
         try:
             return getattr(self.client, method)(*args, **kwargs)
         except AuthenticationError as e:
@@ -222,8 +221,6 @@ def _copy_tree(src: Path, files: list[Path], dst: Path) -> int:
 def stage(working_dir: str | Path, dst: Path) -> tuple[Path, Path]:
     """Copy what the job needs into ``dst``: the filtered working directory and the vitlab package.
     Returns (working_dir copy, package copy). Raises UserError when the working directory is too big."""
-    import vitlab
-
     src = Path(working_dir).resolve()
     if not src.is_dir():
         raise UserError(f"--working-dir {working_dir}: not a directory")
@@ -262,8 +259,6 @@ def parse_env(items: list[str] | None) -> dict[str, str]:
 def job_env(job_id: str, tracking_uri: str | None = None, storage_path: str | None = None,
             env: dict[str, str] | None = None) -> dict[str, str]:
     """Environment variables of the job's processes (driver and every worker)."""
-    from vitlab.train.trainer import STORAGE_ENV
-
     out = {"PYTHONUNBUFFERED": "1", "VITLAB_RAY_JOB_ID": job_id}
     if tracking_uri:
         out["MLFLOW_TRACKING_URI"] = tracking_uri
@@ -273,28 +268,6 @@ def job_env(job_id: str, tracking_uri: str | None = None, storage_path: str | No
     return out
 
 
-def check_command(argv: list[str], working_dir: str | Path) -> list[str]:
-    """The vitlab command to run, checked here first: a typo or a bad config key fails before upload."""
-    from vitlab.cli import build_parser
-
-    argv = list(argv)
-    if argv and argv[0] == "--":
-        argv = argv[1:]
-    if argv and argv[0] in ("vitlab", "vitlab.cli"):
-        argv = argv[1:]
-    if not argv:
-        raise UserError("submit: no command given; e.g. vitlab submit -- train jobs/digits_vit.yaml")
-    if argv[0] in NOT_AS_JOB:
-        raise UserError(f"submit: 'vitlab {argv[0]}' does not run as a job")
-    args = build_parser().parse_args(argv)  # argparse prints the usage line and exits 2 on a typo
-    job = getattr(args, "job", None)
-    if isinstance(job, str) and not job.startswith(("s3://", "gs://")):
-        from vitlab.config import load_job
-
-        load_job(Path(working_dir) / job, getattr(args, "overrides", None) or [])
-    return argv
-
-
 def new_job_id(command: str) -> str:
     return f"vitlab-{command}-{datetime.now():%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
 
@@ -302,12 +275,9 @@ def new_job_id(command: str) -> str:
 def submit(argv: list[str], address: str | None = None, working_dir: str | Path = ".", wait: bool = True,
            tracking_uri: str | None = None, storage_path: str | None = None, env: dict[str, str] | None = None,
            python: str = "python", job_id: str | None = None, out=None) -> int:
-    """Submit ``vitlab <argv>`` as a Ray job; with ``wait``, stream its logs until it ends. Returns the exit
-    code: 0 only if the job SUCCEEDED (or, without ``wait``, was accepted)."""
-    from vitlab.tracking import git_info
-
+    """Submit ``vitlab <argv>`` (a command the CLI has checked) as a Ray job; with ``wait``, stream its logs
+    until it ends. Returns the exit code: 0 only if the job SUCCEEDED (or, without ``wait``, was accepted)."""
     out = out or sys.stdout
-    argv = check_command(argv, working_dir)
     jobs = Jobs(address)
     job_id = job_id or new_job_id(argv[0])
     entrypoint = shlex.join([python, "-m", "vitlab.cli", *argv])

@@ -1,26 +1,28 @@
 """MLflow: where every run is recorded and where people look.
 
 The driver creates (or, on resume, finds) the run before training starts, so an unreachable server fails
-fast and the run id is known. Epoch metrics are logged by a Ray Train callback in the Train controller
-(`EpochMetricsCallback`): it sees each report after its checkpoint is registered and before anything else
-hears of it (a sweep's scheduler, which may stop the trial at once), buffers epochs until a checkpoint
-covers them and logs each epoch at most once, so an epoch redone after a failure is never logged twice.
-Rank 0 of the Train workers logs the per-step curve and system metrics; the driver adds the artifacts.
+fast and the run id is known. Epoch metrics are logged from the Train controller (train/callbacks.py), the
+per-step curve and system metrics by rank 0 of the workers (``StepLogger``), the artifacts by the driver.
+mlflow is imported inside the functions: the CLI and preflight import this module without paying for it.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import logging
 import os
 import subprocess
-import tempfile
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
 
+from vitlab import __version__
+from vitlab.config import JobConfig
+from vitlab.data.manifest import Manifest
 from vitlab.errors import UserError
+from vitlab.train.storage import run_dir
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +95,21 @@ def ray_job_id() -> str | None:
     return os.environ.get("RAY_JOB_SUBMISSION_ID") or os.environ.get("VITLAB_RAY_JOB_ID")
 
 
+def run_tags(cfg: JobConfig, manifest: Manifest) -> dict[str, str]:
+    """The tags of a training or sweep run: code version and commit, dataset, run directory, Ray job."""
+    tags = {
+        "vitlab.version": __version__,
+        "manifest.sha256": manifest.sha256,
+        "manifest.path": f"{manifest.root}/manifest.json",
+        "run_dir": run_dir(cfg),
+        **git_info(),
+    }
+    job_id = ray_job_id()
+    if job_id:
+        tags["ray.job_id"] = job_id
+    return tags
+
+
 def start_run(
     uri: str, experiment: str, run_key: str, run_name: str, params: dict[str, Any], tags: dict[str, str],
     parent_run_id: str | None = None, resume: bool = True,
@@ -104,10 +121,8 @@ def start_run(
 
     client = mlflow.MlflowClient(tracking_uri=uri)
     exp_id = experiment_id(client, experiment, uri)
-    found = client.search_runs([exp_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{run_key}'", max_results=1,
-                               order_by=["attributes.start_time DESC"]) if resume else []
-    if found:
-        run_id = found[0].info.run_id
+    run_id = find_run(client, exp_id, run_key) if resume else None
+    if run_id:
         client.update_run(run_id, status="RUNNING")
         return run_id, True
     all_tags = {RUN_KEY_TAG: run_key, **tags}
@@ -121,60 +136,26 @@ def start_run(
     return run.info.run_id, False
 
 
+def find_run(client, experiment_id: str, run_key: str) -> str | None:
+    """The newest run of the experiment tagged with ``run_key`` (a run directory, a sweep trial)."""
+    found = client.search_runs([experiment_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{run_key}'",
+                               max_results=1, order_by=["attributes.start_time DESC"])
+    return found[0].info.run_id if found else None
+
+
 def _param_value(v: Any) -> str:
     s = "None" if v is None else str(v)
     return s if len(s) <= 6000 else s[:5997] + "..."
 
 
-EPOCH_PROBE = "val_top1"  # every epoch report carries it; its history says which epochs a run already has
-NOT_LOGGED = ("epoch", "step")
-
-
-def _log_metrics(client, run_id: str, items: list[tuple[str, float, int]]) -> None:
+def log_metrics(client, run_id: str, items: list[tuple[str, float, int]]) -> None:
+    """(key, value, step) triples in batches of MLflow's per-call limit."""
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
     metrics = [Metric(k, v, now, s) for k, v, s in items]
-    for i in range(0, len(metrics), 1000):  # MLflow's per-call limit
+    for i in range(0, len(metrics), 1000):
         client.log_batch(run_id, metrics=metrics[i : i + 1000])
-
-
-class EpochMetricsCallback:
-    """Ray Train callback (runs in the Train controller): rank 0's epoch metrics -> the MLflow run.
-
-    Epochs reported without a checkpoint wait until one covers them (a failure before that sends training
-    back, and the epoch is trained again); epochs the run already holds are skipped (a resumed run).
-    """
-
-    def __new__(cls, *args, **kwargs):
-        from ray.train.v2.api.callback import UserCallback
-
-        class _Impl(UserCallback):
-            def __init__(self, uri: str, run_id: str):
-                self.uri, self.run_id = uri, run_id
-                self.pending: list[tuple[int, dict[str, float]]] = []
-
-            def after_report(self, run_context, metrics, checkpoint):
-                rank0 = metrics[0]
-                self.pending.append((int(rank0["epoch"]), {k: float(v) for k, v in rank0.items()
-                                                          if k not in NOT_LOGGED and isinstance(v, (int, float))}))
-                if checkpoint is not None:
-                    self.flush()
-
-            def after_exception(self, run_context, worker_exceptions):
-                self.pending.clear()  # training goes back to the last checkpoint: these epochs are redone
-
-            def flush(self) -> None:
-                import mlflow
-
-                client = mlflow.MlflowClient(tracking_uri=self.uri)
-                have = {m.step for m in client.get_metric_history(self.run_id, EPOCH_PROBE)}
-                items = [(k, v, epoch) for epoch, values in self.pending if epoch not in have
-                         for k, v in values.items()]
-                _log_metrics(client, self.run_id, items)
-                self.pending.clear()
-
-        return _Impl(*args, **kwargs)
 
 
 class StepLogger:
@@ -202,7 +183,7 @@ class StepLogger:
         self.pending.extend((k, float(v), step) for k, v in metrics.items())
 
     def flush(self) -> None:
-        _log_metrics(self.client, self.run_id, self.pending)
+        log_metrics(self.client, self.run_id, self.pending)
         self.pending.clear()
 
     def close(self) -> None:
@@ -217,62 +198,9 @@ def metric_history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
     return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
 
 
-def learning_curves_png(uri: str, run_id: str, out: Path) -> Path:
-    """Loss and accuracy per epoch, train and val, from the run's own metric history."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
-    for key, ax, label in (
-        ("train_loss", ax_loss, "train loss"),
-        ("val_loss", ax_loss, "val loss"),
-        ("train_top1", ax_acc, "train top-1"),
-        ("val_top1", ax_acc, "val top-1"),
-        ("val_top5", ax_acc, "val top-5"),
-    ):
-        hist = metric_history(uri, run_id, key)
-        if hist:
-            ax.plot([s for s, _ in hist], [v for _, v in hist], marker="o", label=label)
-    for ax, title in ((ax_loss, "loss"), (ax_acc, "accuracy")):
-        ax.set_xlabel("epoch")
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
-
-
-def confusion_png(matrix, classes: list[str], out: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    n = len(classes)
-    size = min(20, 3 + n * 0.35)
-    fig, ax = plt.subplots(figsize=(size, size))
-    norm = matrix / np.maximum(1, matrix.sum(axis=1, keepdims=True))
-    ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
-    if n <= 30:
-        ax.set_xticks(range(n), classes, rotation=90)
-        ax.set_yticks(range(n), classes)
-        for i in range(n):
-            for j in range(n):
-                if matrix[i, j]:
-                    ax.text(j, i, int(matrix[i, j]), ha="center", va="center", fontsize=7,
-                            color="white" if norm[i, j] > 0.5 else "black")
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title("confusion matrix (val, best checkpoint)")
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+def metric_histories(uri: str, run_id: str, keys: tuple[str, ...]) -> dict[str, list[tuple[int, float]]]:
+    """(step, value) rows per metric key, in step order."""
+    return {key: metric_history(uri, run_id, key) for key in keys}
 
 
 def log_artifacts(uri: str, run_id: str, files: list[Path], artifact_path: str | None = None) -> None:
@@ -303,7 +231,6 @@ def log_onnx_model(uri: str | None, run_id: str, onnx_path: Path, classes_json: 
     was exported from; returns the model URI."""
     import mlflow
     import onnx
-    import onnxruntime
 
     uri = resolve_tracking_uri(uri)
     mlflow.set_tracking_uri(uri)
@@ -313,7 +240,7 @@ def log_onnx_model(uri: str | None, run_id: str, onnx_path: Path, classes_json: 
         info = mlflow.onnx.log_model(
             onnx.load(str(onnx_path)), name="onnx", save_as_external_data=False, extra_files=[str(classes_json)],
             # given, so MLflow does not load the model in a subprocess to infer them
-            pip_requirements=[f"onnx=={onnx.__version__}", f"onnxruntime=={onnxruntime.__version__}"],
+            pip_requirements=[f"{name}=={importlib.metadata.version(name)}" for name in ("onnx", "onnxruntime")],
         )
         mlflow.log_metric("onnx_parity_max_abs_diff", parity["max"])
     # start_run(run_id) ends the run FINISHED: keep the status training left it in
@@ -360,6 +287,3 @@ def end_run(uri: str, run_id: str, status: str) -> None:
 
     mlflow.MlflowClient(tracking_uri=uri).set_terminated(run_id, status=status)
 
-
-def temp_artifact_dir() -> Path:
-    return Path(tempfile.mkdtemp(prefix="vitlab-artifacts-"))

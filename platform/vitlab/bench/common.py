@@ -6,6 +6,7 @@ import os
 from typing import Any
 
 from vitlab.errors import UserError
+from vitlab.model import check_model_name, with_img_size
 
 # --quick's model: a one-block ViT on 32-pixel images, seconds per benchmark (tests and smoke runs)
 QUICK_MODEL = ("vit_tiny_patch16_224", {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 1,
@@ -38,8 +39,6 @@ def check_positive(**flags: int | None) -> None:
 def bench_model(model_name: str, image_size: int, batch_size: int, quick: bool, quick_batch: int,
                 num_classes: int = 1000) -> tuple[str, dict[str, Any], int, int, int]:
     """(model name, timm kwargs, image size, batch size, classes) of the model a benchmark builds."""
-    from vitlab.model import check_model_name, with_img_size
-
     if quick:
         name, kwargs = QUICK_MODEL
         return name, dict(kwargs), kwargs["img_size"], min(batch_size, quick_batch), 10

@@ -1,6 +1,6 @@
 """`vitlab bench data`: images/s delivered to a consumer, vitlab's path vs the seed's, in one invocation.
 
-(a) vitlab: the source re-encoded by `vitlab data prepare` with the README's ImageNet setting (max side 256,
+(a) vitlab: the source re-encoded by `vitlab data prepare` with the ImageNet setting of docs/data.md (max side 256,
     quality 90; timed separately as prepare_s, like FFCV's one-off dataset write), read by the Ray Data train
     pipeline (RandomResizedCrop + flip, uint8) and consumed through iter_torch_batches.
 (b) the seed: torch DataLoader over torchvision ImageFolder on the original JPEGs, RandomResizedCrop + flip +
@@ -19,6 +19,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+from PIL import Image
+
+from vitlab.cluster import connect
+from vitlab.config import DataConfig
+from vitlab.data.manifest import load_manifest
+from vitlab.data.pipeline import train_dataset
+from vitlab.data.prepare import EncodeOptions, prepare
 from vitlab.errors import UserError
 
 
@@ -50,10 +57,6 @@ def _epochs(make_iter):
 
 
 def bench_ray_data(data_dir: str, image_size: int, batch_size: int, seconds: float) -> dict[str, float]:
-    from vitlab.config import DataConfig
-    from vitlab.data.manifest import load_manifest
-    from vitlab.data.pipeline import train_dataset
-
     manifest = load_manifest(data_dir)
     data = DataConfig(image_size=image_size)
 
@@ -84,12 +87,7 @@ def bench_dataloader(train_dir: str, image_size: int, batch_size: int, seconds: 
 
 def bench_data(source: str, image_size: int = 224, batch_size: int = 128, max_side: int | None = 256,
                quality: int | None = 90, seconds: float = 30.0, workers: int | None = None) -> dict[str, Any]:
-    """Run both sides and return the report (JSON keys documented in the README)."""
-    from PIL import Image
-
-    from vitlab.cluster import connect
-    from vitlab.data.prepare import EncodeOptions, prepare
-
+    """Run both sides and return the report (JSON keys in docs/benchmarks.md)."""
     train_dir = Path(source) / "train"
     if not train_dir.is_dir():
         raise UserError(f"{source}: expected a class-folder tree with train/<class>/*.JPEG "

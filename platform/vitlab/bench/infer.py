@@ -1,4 +1,4 @@
-"""`vitlab bench infer`: one model, four CPU runtimes side by side, in one invocation.
+"""`vitlab bench infer`: one model, the CPU runtimes of deploy/runtimes.py side by side, in one invocation.
 
 (a) torch eager (``inference_mode``), (b) ``torch.compile`` (inductor; where it works here, else reported as
 unavailable with the reason), (c) onnxruntime on the model exported by ``vitlab export``'s code path (graph
@@ -13,6 +13,7 @@ runtimes use the same intra-op thread count and the same random-weight model (no
 
 from __future__ import annotations
 
+import importlib.metadata
 import logging
 import shutil
 import tempfile
@@ -24,7 +25,10 @@ from typing import Any
 import numpy as np
 
 from vitlab.bench.common import bench_model, check_positive, cores, load_avg
+from vitlab.deploy.onnx import check_opset
+from vitlab.deploy.runtimes import RUNTIMES, Runner, RuntimeSetup
 from vitlab.errors import UserError
+from vitlab.model import create_model
 
 log = logging.getLogger(__name__)
 
@@ -45,98 +49,39 @@ def _first_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text.splitlines()[0][:200]}" if text else type(e).__name__
 
 
-def build_runtimes(model, image_size: int, threads: int, compile: bool, opset: int,
-                   workdir: Path) -> tuple[dict[str, Callable[[np.ndarray], Any] | None], dict[str, Any]]:
-    """name -> callable(input batch) for every runtime that works here, and per-runtime notes (setup time,
-    or 'unavailable: reason')."""
-    import torch
-
-    from vitlab.export import INPUT_NAME, INT8_FILE, OUTPUT_NAME, export_onnx_file, ort_session, quantize_int8
-
+def build_runtimes(names: list[str], setup: RuntimeSetup) -> tuple[dict[str, Runner | None], dict[str, Any]]:
+    """name -> runner for every runtime that works here (None for the others), and per-runtime notes (setup
+    time, or 'unavailable: reason')."""
+    runners: dict[str, Runner | None] = {}
     notes: dict[str, Any] = {}
-    runtimes: dict[str, Callable[[np.ndarray], Any] | None] = {}
-
-    def eager(x: np.ndarray):
-        with torch.inference_mode():
-            return model(torch.from_numpy(x))
-
-    runtimes["torch_eager"] = eager
-    notes["torch_eager"] = {}
-
-    if compile:
+    for name in RUNTIMES:
+        if name not in names:
+            runners[name], notes[name] = None, {"unavailable": "skipped"}
+            continue
         try:
-            compiled = torch.compile(model)
-            t0 = time.perf_counter()
-            x1 = np.random.default_rng(0).standard_normal((1, 3, image_size, image_size), dtype=np.float32)
-            with torch.inference_mode():
-                compiled(torch.from_numpy(x1))
-            notes["torch_compile"] = {"compile_s": round(time.perf_counter() - t0, 1)}
-
-            def run_compiled(x: np.ndarray):
-                with torch.inference_mode():
-                    return compiled(torch.from_numpy(x))
-
-            runtimes["torch_compile"] = run_compiled
-        except Exception as e:  # inductor needs a working C++ toolchain; many CPU builds lack one
-            log.warning("torch.compile unavailable: %s", e)
-            notes["torch_compile"] = {"unavailable": _first_line(e)}
-            runtimes["torch_compile"] = None
-    else:
-        notes["torch_compile"] = {"unavailable": "skipped (--no-compile)"}
-        runtimes["torch_compile"] = None
-
-    try:
-        t0 = time.perf_counter()
-        path = export_onnx_file(model, workdir / "model.onnx", image_size, opset)
-        export_s = time.perf_counter() - t0
-        session = ort_session(path, threads)
-        runtimes["onnxruntime"] = lambda x: session.run([OUTPUT_NAME], {INPUT_NAME: x})
-        x1 = np.random.default_rng(1).standard_normal((2, 3, image_size, image_size), dtype=np.float32)
-        with torch.inference_mode():
-            diff = float(np.abs(session.run([OUTPUT_NAME], {INPUT_NAME: x1})[0]
-                                - model(torch.from_numpy(x1)).numpy()).max())
-        notes["onnxruntime"] = {"export_s": round(export_s, 1), "max_abs_diff_vs_eager": diff,
-                                "graph_optimization": "ORT_ENABLE_ALL", "intra_op_threads": threads}
-    except Exception as e:
-        log.warning("onnxruntime unavailable: %s", e)
-        notes["onnxruntime"] = {"unavailable": _first_line(e)}
-        runtimes["onnxruntime"] = None
-    if runtimes["onnxruntime"] is None:
-        notes["onnxruntime_int8"] = {"unavailable": "no fp32 ONNX model"}
-        runtimes["onnxruntime_int8"] = None
-        return runtimes, notes
-    try:  # what `vitlab export --quantize int8` writes, from the same fp32 file
-        t0 = time.perf_counter()
-        int8_session = ort_session(quantize_int8(path, workdir / INT8_FILE), threads)
-        quantize_s = time.perf_counter() - t0
-        runtimes["onnxruntime_int8"] = lambda x: int8_session.run([OUTPUT_NAME], {INPUT_NAME: x})
-        x8 = np.random.default_rng(2).standard_normal((8, 3, image_size, image_size), dtype=np.float32)
-        with torch.inference_mode():
-            ref = model(torch.from_numpy(x8)).numpy()
-        out = int8_session.run([OUTPUT_NAME], {INPUT_NAME: x8})[0]
-        notes["onnxruntime_int8"] = {
-            "quantize_s": round(quantize_s, 1), "max_abs_diff_vs_eager": float(np.abs(out - ref).max()),
-            # random weights and inputs: a numerics check only; `vitlab export --quantize int8` measures a
-            # trained model's agreement on its val images
-            "top1_agreement_vs_eager": float((out.argmax(1) == ref.argmax(1)).mean()),
-            "quantization": "dynamic, int8 weights per channel", "intra_op_threads": threads}
-    except Exception as e:
-        log.warning("onnxruntime int8 unavailable: %s", e)
-        notes["onnxruntime_int8"] = {"unavailable": _first_line(e)}
-        runtimes["onnxruntime_int8"] = None
-    return runtimes, notes
+            runners[name], notes[name] = RUNTIMES[name](setup)
+        except Exception as e:  # reported beside the others, never fatal: e.g. inductor without a compiler
+            log.warning("%s unavailable: %s", name, e)
+            runners[name], notes[name] = None, {"unavailable": _first_line(e)}
+    return runners, notes
 
 
 def bench_infer(model_name: str = "vit_small_patch16_224", image_size: int = 224, batch_size: int = 32,
                 threads: int | None = None, iters: int | None = None, warmup: int | None = None,
                 throughput_iters: int | None = None, compile: bool = True, quick: bool = False,
-                opset: int = 17, num_classes: int = 1000) -> dict[str, Any]:
-    """Run every runtime and return the report (JSON keys documented in the README)."""
+                opset: int = 17, num_classes: int = 1000, runtimes: list[str] | None = None) -> dict[str, Any]:
+    """Run the runtimes (default: all of RUNTIMES; ``compile=False`` leaves out torch_compile) and return the
+    report (JSON keys in docs/benchmarks.md)."""
     import torch
 
-    from vitlab.export import check_opset
-    from vitlab.model import create_model
-
+    names = list(runtimes or RUNTIMES)
+    unknown = [n for n in names if n not in RUNTIMES]
+    if unknown:
+        raise UserError(f"--runtime {unknown[0]}: expected one of {', '.join(RUNTIMES)}")
+    if "torch_eager" not in names:
+        names.insert(0, "torch_eager")  # the others are reported relative to it
+    if not compile and "torch_compile" in names:
+        names.remove("torch_compile")
     check_positive(image_size=image_size, batch_size=batch_size, threads=threads, iters=iters)
     check_opset(opset)
     model_name, kwargs, image_size, batch_size, num_classes = bench_model(
@@ -156,8 +101,10 @@ def bench_infer(model_name: str = "vit_small_patch16_224", image_size: int = 224
         raise UserError(f"--model {model_name}: timm cannot build it with {kwargs}: {e}") from None
     workdir = Path(tempfile.mkdtemp(prefix="vitlab-bench-infer-"))
     try:
-        runtimes, notes = build_runtimes(model, image_size, threads, compile, opset, workdir)
-        live = {k: fn for k, fn in runtimes.items() if fn is not None}
+        runners, notes = build_runtimes(names, RuntimeSetup(model, image_size, threads, opset, workdir))
+        if not compile:
+            notes["torch_compile"] = {"unavailable": "skipped (--no-compile)"}
+        live = {k: fn for k, fn in runners.items() if fn is not None}
         rng = np.random.default_rng(0)
         x1 = rng.standard_normal((1, 3, image_size, image_size), dtype=np.float32)
         xb = rng.standard_normal((batch_size, 3, image_size, image_size), dtype=np.float32)
@@ -178,7 +125,7 @@ def bench_infer(model_name: str = "vit_small_patch16_224", image_size: int = 224
         shutil.rmtree(workdir, ignore_errors=True)
 
     results: dict[str, Any] = {}
-    for name in runtimes:
+    for name in runners:
         if name not in live:
             results[name] = notes[name]
             continue
@@ -192,8 +139,10 @@ def bench_infer(model_name: str = "vit_small_patch16_224", image_size: int = 224
     eager = results["torch_eager"]
     key = f"batch{batch_size}_images_per_s"
     ratios = {}
-    for name in ("torch_compile", "onnxruntime", "onnxruntime_int8"):
+    for name in RUNTIMES:
         r = results[name]
+        if name == "torch_eager":
+            continue
         if "batch1_p50_ms" in r:
             ratios[name] = {"batch1_p50_vs_eager": round(r["batch1_p50_ms"] / eager["batch1_p50_ms"], 3),
                             f"{key}_vs_eager": round(r[key] / eager[key], 3)}
@@ -212,10 +161,8 @@ def bench_infer(model_name: str = "vit_small_patch16_224", image_size: int = 224
 
 def _ort_version() -> str | None:
     try:
-        import onnxruntime
-
-        return onnxruntime.__version__
-    except ImportError:
+        return importlib.metadata.version("onnxruntime")
+    except importlib.metadata.PackageNotFoundError:
         return None
 
 
@@ -226,7 +173,7 @@ def format_report(report: dict[str, Any]) -> str:
     lines = [f"{s['model']} {s['image_size']}px, {s['threads']} threads, {s['iters']} batch-1 iterations "
              f"(p50 / p90), batch {b} throughput",
              f"{'runtime':<18}{'p50 ms':>9}{'p90 ms':>9}{'img/s':>9}{'p50 vs eager':>14}{'img/s vs eager':>16}"]
-    for name in ("torch_eager", "torch_compile", "onnxruntime", "onnxruntime_int8"):
+    for name in RUNTIMES:
         r = report[name]
         if "batch1_p50_ms" not in r:
             lines.append(f"{name:<18}{r.get('unavailable', 'unavailable')}")

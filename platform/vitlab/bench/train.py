@@ -29,8 +29,16 @@ from dataclasses import asdict, dataclass, field
 from multiprocessing import get_context
 from typing import Any
 
+import torch
+import torch.distributed as dist
+
 from vitlab.bench.common import bench_model, check_positive, cores, load_avg
+from vitlab.cluster import connect
 from vitlab.errors import UserError
+from vitlab.model import create_model
+
+# Ray is imported inside the functions of the Ray sides: side (b) runs this module in a spawned process that
+# must not load Ray at all.
 
 log = logging.getLogger(__name__)
 
@@ -55,10 +63,6 @@ class StepRunner:
     """A model, its optimizer and one in-memory batch; ``time(n)`` runs n training steps and times them."""
 
     def __init__(self, spec: StepSpec, wrap=None):
-        import torch
-
-        from vitlab.model import create_model
-
         torch.set_num_threads(spec.threads)
         torch.manual_seed(spec.seed)
         model = create_model(spec.model_name, spec.num_classes, spec.model_kwargs)
@@ -81,9 +85,6 @@ class StepRunner:
 
     def time(self, steps: int) -> float:
         """Seconds for ``steps`` steps; under DDP every worker starts together and the slowest one counts."""
-        import torch
-        import torch.distributed as dist
-
         distributed = dist.is_initialized()
         if distributed:
             dist.barrier()
@@ -101,8 +102,6 @@ class StepRunner:
 
 
 def _plain_server(spec_dict: dict[str, Any], conn) -> None:
-    import torch
-
     runner = StepRunner(StepSpec(**spec_dict))
     conn.send(("ready", torch.get_num_threads()))
     while (steps := conn.recv()) is not None:
@@ -140,8 +139,6 @@ class PlainSide:
 
 def _ray_loop(config: dict[str, Any]) -> None:
     import ray.train
-    import torch
-    import torch.distributed as dist
     from ray.train.torch import prepare_model
 
     go, done = config["go"], config["done"]
@@ -241,10 +238,9 @@ def bench_windows(spec: StepSpec, num_workers: int, storage: str, windows: int, 
 def bench_train(model_name: str = "vit_tiny_patch16_224", image_size: int = 112, batch_size: int = 32,
                 steps: int | None = None, warmup: int | None = None, threads: int | None = None,
                 windows: int | None = None, quick: bool = False) -> dict[str, Any]:
-    """Run the three sides and return the report (JSON keys documented in the README)."""
+    """Run the three sides and return the report (JSON keys in docs/benchmarks.md)."""
     import ray
 
-    from vitlab.cluster import connect
     check_positive(image_size=image_size, batch_size=batch_size, steps=steps, threads=threads, windows=windows)
     if warmup is not None and warmup < 0:
         raise UserError(f"--warmup {warmup}: expected 0 or more")

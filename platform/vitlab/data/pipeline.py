@@ -73,9 +73,8 @@ def _blocks(n: int, block_rows: int) -> Iterator[slice]:
 
 
 def _decode_train_shards(
-    batch: dict[str, np.ndarray], files: list[str], cfg: dict[str, Any], seed: int, epoch: EpochSource
+    batch: dict[str, np.ndarray], files: list[str], data: DataConfig, seed: int, epoch: EpochSource
 ) -> Iterator[dict[str, np.ndarray]]:
-    data = DataConfig.model_validate(cfg)
     epoch_n = _current_epoch(epoch)
     order = np.random.default_rng([seed & 0xFFFFFFFF, epoch_n]).permutation(len(files))
     augment = build_randaugment(data.randaugment, data.image_size, data.mean)
@@ -95,9 +94,8 @@ def _decode_train_shards(
 
 
 def _decode_val_shards(
-    batch: dict[str, np.ndarray], files: list[str], cfg: dict[str, Any]
+    batch: dict[str, np.ndarray], files: list[str], data: DataConfig
 ) -> Iterator[dict[str, np.ndarray]]:
-    data = DataConfig.model_validate(cfg)
     size = data.image_size
     for idx in batch["shard"]:
         table = _read_shard(files[int(idx)])
@@ -116,29 +114,28 @@ def _shard_indices(n: int, deterministic: bool):
     return ds
 
 
-def train_dataset(
-    manifest: Manifest, data: DataConfig, seed: int = 0, epoch: EpochSource = 0, decode_cpus: float = 1.0
-):
-    """The train split: RandomResizedCrop + flip (+ RandAugment), reshuffled per epoch."""
+def train_dataset(manifest: Manifest, data: DataConfig, seed: int = 0, epoch: EpochSource = 0):
+    """The train split: RandomResizedCrop + flip (+ RandAugment), reshuffled per epoch. Each decode task
+    reserves data.decode_cpus."""
     files = manifest.files("train")
     ds = _shard_indices(len(files), data.deterministic)
     return ds.map_batches(
         _decode_train_shards,
         batch_size=1,
-        num_cpus=decode_cpus,
-        fn_kwargs={"files": files, "cfg": data.model_dump(mode="json"), "seed": seed, "epoch": epoch},
+        num_cpus=data.decode_cpus,
+        fn_kwargs={"files": files, "data": data, "seed": seed, "epoch": epoch},
     )
 
 
-def val_dataset(manifest: Manifest, data: DataConfig, decode_cpus: float = 1.0):
+def val_dataset(manifest: Manifest, data: DataConfig):
     """The val split: resize the shorter side to image_size / crop_pct, center-crop, fixed order."""
     files = manifest.files("val")
     ds = _shard_indices(len(files), True)
     return ds.map_batches(
         _decode_val_shards,
         batch_size=1,
-        num_cpus=decode_cpus,
-        fn_kwargs={"files": files, "cfg": data.model_dump(mode="json")},
+        num_cpus=data.decode_cpus,
+        fn_kwargs={"files": files, "data": data},
     )
 
 

@@ -27,17 +27,18 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from PIL import Image, UnidentifiedImageError
 
+from vitlab import __version__
+from vitlab.cluster import connect
+from vitlab.data.manifest import MANIFEST, MANIFEST_VERSION
 from vitlab.data.sources import SPLITS, Item, Listing, list_source
 from vitlab.errors import UserError
+from vitlab.train import storage
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "manifest.json"
-MANIFEST_VERSION = 1
 DEFAULT_QUALITY = 95  # for images that must be converted (CMYK, grayscale, PNG) when --quality is not given
 SCHEMA = pa.schema(
     [
@@ -113,55 +114,22 @@ def _to_jpeg(img: Image.Image, opts: EncodeOptions, shrink: bool) -> tuple[bytes
     return buf.getvalue(), img.height, img.width
 
 
-def _read_bytes(fs: pafs.FileSystem | None, path: str) -> bytes:
-    if fs is None:
-        with open(path, "rb") as f:
-            return f.read()
-    with fs.open_input_file(path) as f:
-        return f.read()
-
-
-class _InputFilesystems:
-    """The filesystems a task reads item URIs through, opened once per task rather than per file. Items
-    are '<source URI>/<key>': the source URI (which keeps any ?query options) is opened once and the keys
-    are appended to its path as they are, so names that are not valid in a URI still read."""
-
-    def __init__(self, source_uri: str | None = None):
-        self._by_prefix: list[tuple[str, pafs.FileSystem, str]] = []  # (URI prefix, filesystem, path prefix)
-        if source_uri:
-            fs, root = pafs.FileSystem.from_uri(source_uri)
-            self._by_prefix.append((source_uri.split("?", 1)[0].rstrip("/") + "/", fs, root.rstrip("/") + "/"))
-
-    def resolve(self, path: str) -> tuple[pafs.FileSystem | None, str]:
-        """(filesystem, path in it) for an item path; (None, path) for a local file."""
-        if not _is_uri(path):
-            return None, path
-        for prefix, fs, inner_prefix in self._by_prefix:
-            if path.startswith(prefix):
-                return fs, inner_prefix + path[len(prefix):]
-        try:
-            fs, inner = pafs.FileSystem.from_uri(path)
-        except ValueError as e:  # ArrowInvalid: a URI pyarrow cannot parse
-            raise OSError(str(e)) from None
-        if inner and path.endswith(inner):  # remember the scheme://authority part for the next items
-            self._by_prefix.append((path[: len(path) - len(inner)], fs, ""))
-        return fs, inner
-
-
 def write_shard(chunk: dict[str, Any], out_uri: str, opts: EncodeOptions) -> dict[str, Any]:
     """Ray task body: one chunk of items -> one Parquet shard. Returns the shard's summary row."""
-    fs, root = pafs.FileSystem.from_uri(out_uri)
-    inputs = _InputFilesystems(chunk.get("source_uri"))  # local paths are read with open()
+    # File items are '<source>/<key>': the source's filesystem is opened once per task, and keys are appended
+    # to its path as they are, so names that are not valid in a URI still read.
+    source_fs, source_root = storage.filesystem(chunk["source"]) if chunk["source"] else (None, "")
     rows: dict[str, list] = {name: [] for name in SCHEMA.names}
     rejects, actions = [], {}
-    paths, pixels = chunk["paths"], chunk["pixels"]
+    pixels = chunk["pixels"]
     for i, key in enumerate(chunk["keys"]):
         try:
             if pixels is not None and pixels[i] is not None:
                 shape = (int(chunk["heights"][i]), int(chunk["widths"][i]))
                 data, h, w, action = encode_pixels(pixels[i], shape, opts)
             else:
-                data, h, w, action = encode_image(_read_bytes(*inputs.resolve(paths[i])), opts)
+                with source_fs.open_input_file(f"{source_root}/{key}") as f:
+                    data, h, w, action = encode_image(f.read(), opts)
         except Rejected as e:
             rejects.append({"path": str(key), "split": chunk["split"], "reason": str(e)})
             continue
@@ -183,12 +151,7 @@ def write_shard(chunk: dict[str, Any], out_uri: str, opts: EncodeOptions) -> dic
     pq.write_table(pa.table(rows, schema=SCHEMA), sink, compression="none", row_group_size=1024)
     buf = sink.getvalue()
     rel = f"{chunk['split']}/{chunk['shard']}.parquet"
-    final = f"{root}/{rel}"
-    tmp = f"{root}/{chunk['split']}/.{chunk['shard']}.{uuid.uuid4().hex}.tmp"
-    fs.create_dir(f"{root}/{chunk['split']}", recursive=True)
-    with fs.open_output_stream(tmp) as f:
-        f.write(buf)
-    fs.move(tmp, final)
+    storage.write_bytes(storage.join(out_uri, rel), buf)
     summary.update(file=rel, rows=len(rows["key"]), sha256=hashlib.sha256(buf).hexdigest(), bytes=buf.size)
     return summary
 
@@ -205,19 +168,18 @@ def plan_shards(listing: Listing, shard_rows: int, seed: int) -> list[dict[str, 
         n_shards = max(1, -(-len(items) // shard_rows)) if items else 0
         for s, part in enumerate(np.array_split(np.arange(len(items)), n_shards) if n_shards else []):
             shard = f"{split}-{s:05d}-of-{n_shards:05d}"
-            chunks.append(_chunk(split, shard, [items[i] for i in part], listing.uri))
+            chunks.append(_chunk(split, shard, [items[i] for i in part], listing.root))
     return chunks
 
 
-def _chunk(split: str, shard: str, items: list[Item], source_uri: str | None = None) -> dict[str, Any]:
+def _chunk(split: str, shard: str, items: list[Item], source: str | None) -> dict[str, Any]:
     in_memory = any(it.pixels is not None for it in items)
     return {
         "split": split,
         "shard": shard,
-        "source_uri": source_uri,  # items are URIs under it: the task opens its filesystem once
+        "source": source,  # file items are <source>/<key>
         "keys": [it.key for it in items],
         "labels": [it.label for it in items],
-        "paths": [it.path for it in items],
         "pixels": [it.pixels for it in items] if in_memory else None,
         "heights": [it.shape[0] if it.shape else 0 for it in items],
         "widths": [it.shape[1] if it.shape else 0 for it in items],
@@ -232,16 +194,8 @@ def default_shard_rows(n_items: int, shard_rows: int | None) -> int:
     return max(32, min(1024, -(-n_items // 16)))
 
 
-def _is_uri(path: str) -> bool:
-    return "://" in path
-
-
 def _check_out(out: str, overwrite: bool) -> None:
-    if _is_uri(out):
-        fs, root = pafs.FileSystem.from_uri(out)
-        exists = fs.get_file_info(f"{root}/{MANIFEST}").type != pafs.FileType.NotFound
-    else:
-        exists = Path(out).exists()
+    exists = storage.exists(storage.join(out, MANIFEST)) if storage.is_uri(out) else Path(out).exists()
     if exists and not overwrite:
         raise UserError(f"{out}: output already exists (pass --overwrite to replace it)")
 
@@ -250,14 +204,14 @@ def prepare(
     source: str,
     out: str,
     fmt: str | None = None,
-    val_fraction: float = 0.1,
+    val_fraction: float | None = None,
     opts: EncodeOptions = EncodeOptions(),
     shard_rows: int | None = None,
     overwrite: bool = False,
     seed: int = 0,
 ) -> dict[str, Any]:
     """Run the prepare job and return the manifest. Errors in the inputs raise UserError before Ray starts."""
-    if not 0.0 <= val_fraction < 1.0:
+    if val_fraction is not None and not 0.0 <= val_fraction < 1.0:
         raise UserError(f"--val-fraction {val_fraction}: expected a fraction in [0, 1)")
     _check_out(out, overwrite)
     listing = list_source(source, fmt, val_fraction, seed)
@@ -268,7 +222,7 @@ def prepare(
     chunks = plan_shards(listing, rows, seed)
     log.info("%s: %d files in %d shards, %d classes", source, len(listing.items), len(chunks), len(listing.classes))
 
-    if _is_uri(out):
+    if storage.is_uri(out):
         work_uri, final_dir = out.rstrip("/"), None
     else:
         final_dir = Path(out).resolve()
@@ -292,8 +246,6 @@ def prepare(
 def _run_shard_tasks(chunks: list[dict[str, Any]], work_uri: str, opts: EncodeOptions) -> list[dict[str, Any]]:
     import ray
 
-    from vitlab.cluster import connect
-
     connect()
     ds = ray.data.from_items(chunks, override_num_blocks=len(chunks))
     # One task per shard; read, validate and write are fused in it, so nothing but summaries moves.
@@ -303,8 +255,6 @@ def _run_shard_tasks(chunks: list[dict[str, Any]], work_uri: str, opts: EncodeOp
 
 def _manifest(source: str, listing: Listing, summaries: list[dict[str, Any]], opts: EncodeOptions,
               shard_rows: int, seed: int, seconds: float) -> dict[str, Any]:
-    from vitlab import __version__
-
     splits: dict[str, Any] = {s: {"rows": 0, "shards": []} for s in SPLITS}
     rejects = list(listing.rejects)
     actions: dict[str, int] = {}
@@ -324,7 +274,7 @@ def _manifest(source: str, listing: Listing, summaries: list[dict[str, Any]], op
         "version": MANIFEST_VERSION,
         "vitlab_version": __version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "source": source if source == "digits" or _is_uri(source) else str(Path(source).resolve()),
+        "source": source if source == "digits" else storage.absolute(source),
         "format": listing.format,
         "num_classes": len(listing.classes),
         "classes": listing.classes,
@@ -340,11 +290,7 @@ def _manifest(source: str, listing: Listing, summaries: list[dict[str, Any]], op
 
 
 def _write_manifest(work_uri: str, manifest: dict[str, Any]) -> None:
-    fs, root = pafs.FileSystem.from_uri(work_uri)
-    tmp = f"{root}/.{MANIFEST}.tmp"
-    with fs.open_output_stream(tmp) as f:
-        f.write(json.dumps(manifest, indent=2).encode())
-    fs.move(tmp, f"{root}/{MANIFEST}")
+    storage.write_text(storage.join(work_uri, MANIFEST), json.dumps(manifest, indent=2))
 
 
 def _replace_dir(tmp_dir: Path, final_dir: Path) -> None:

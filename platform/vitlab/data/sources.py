@@ -1,12 +1,9 @@
-"""One reader per source layout. Each lists a source into class names and items (key, label, split, and
-either a file to read or the raw pixels of an in-memory image); reading and validating the bytes happens
-later, in the prepare job's Ray tasks, so listing stays cheap even for ImageNet's 1.3M files.
+"""One reader per source layout (READERS). Each lists a source into class names and items (key, label, split,
+raw pixels for in-memory sources); the prepare job's tasks read and validate the bytes, at ``<source>/<key>``.
 
+Every source is listed through one ``Tree`` over a pyarrow filesystem (``LocalFileSystem`` for a local path,
+the URI's own for s3://, gs://, file://): every layout reads the same from a disk and from object storage.
 Class indices follow torchvision's ``ImageFolder``: sorted folder names.
-
-The class-folder layouts (ImageNet, plain folders) can also be listed from a URI that ``pyarrow.fs`` reads
-(s3://, gs://, file://): one recursive listing per split root, grouped by class folder (a common prefix),
-and items carry URIs that the prepare tasks read through the same kind of filesystem.
 """
 
 from __future__ import annotations
@@ -14,28 +11,29 @@ from __future__ import annotations
 import csv
 import io
 import logging
-import os
 import pickle
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import PurePosixPath
 
 import numpy as np
 import pyarrow.fs as pafs
 
 from vitlab.errors import UserError
+from vitlab.train import storage
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val")
+DEFAULT_VAL_FRACTION = 0.1  # held out per class when a source has no val split of its own
+DIGITS_VAL_FRACTION = 0.2
 
 
 @dataclass
 class Item:
     split: str
-    key: str
+    key: str  # the path under the source root ('/'-joined); for in-memory sources a name
     label: int
-    path: str | None = None  # a file to read and validate
     pixels: bytes | None = None  # raw HxWx3 uint8 for in-memory sources (CIFAR, digits)
     shape: tuple[int, int] | None = None  # (height, width) of ``pixels``
 
@@ -47,166 +45,89 @@ class Listing:
     wnids: list[str] | None = None
     items: list[Item] = field(default_factory=list)
     rejects: list[dict] = field(default_factory=list)  # found while listing (e.g. unlabeled files)
-    uri: str | None = None  # the source URI (with any ?query) when items are URIs, so tasks can open its filesystem
+    root: str | None = None  # where file items live (a path or URI, with any ?query); None when in memory
 
 
-def _class_dirs(root: Path) -> list[str]:
-    """Exactly torchvision.datasets.folder.find_classes: sorted names of the sub-directories."""
-    return sorted(e.name for e in os.scandir(root) if e.is_dir())
+class Tree:
+    """A source directory under one pyarrow filesystem. Arguments are '/'-joined paths relative to the root.
+    Each folder asked about is listed once, recursively, and grouped by its first path component (a class
+    folder: a directory, or on object storage a common prefix)."""
 
-
-def _files_under(root: Path) -> list[Path]:
-    return sorted(p for p in root.rglob("*") if p.is_file())
-
-
-def _key_order(key: str) -> list[str]:
-    """Sort keys as ``sorted(Path)`` sorts paths (part by part), so local and URI listings agree."""
-    return key.split("/")
-
-
-class _LocalTree:
-    """A source directory on this machine; ``rel`` arguments are '/'-joined paths relative to it."""
-
-    def __init__(self, root: Path):
-        self.root = root
-
-    def name(self, rel: str = "") -> str:
-        return str(self.root / rel) if rel else str(self.root)
-
-    def index(self, rel: str) -> None:
-        """Nothing to do locally: directories are walked on demand."""
-
-    def is_dir(self, rel: str) -> bool:
-        return (self.root / rel).is_dir()
-
-    def subdirs(self, rel: str) -> list[str]:
-        return _class_dirs(self.root / rel)
-
-    def files(self, rel: str) -> list[str]:
-        return [str(f.relative_to(self.root)) for f in _files_under(self.root / rel)]
-
-    def item_path(self, key: str) -> str:
-        return str(self.root / key)
-
-    def find_file(self, names: tuple[str, ...], *rels: str) -> str | None:
-        """The first of ``names`` in the given folders, then in up to 3 parents of the source."""
-        found = _find_file(names, *(self.root / r for r in rels), *self.root.parents[:3])
-        return str(found) if found else None
-
-    def read_text(self, path: str) -> str:
-        return Path(path).read_text()
-
-
-class _UriTree:
-    """A source under a pyarrow.fs URI. Each split root is listed once, recursively, and grouped by its
-    first path component (a class folder: a directory or a common prefix)."""
-
-    def __init__(self, uri: str):
-        self.uri = uri
-        try:
-            self.fs, root = pafs.FileSystem.from_uri(uri)
-        except (ValueError, OSError) as e:
-            raise UserError(f"{uri}: cannot open source URI ({_first_line(e)})") from None
-        self.root = root.rstrip("/")
-        self.base_uri = uri.split("?", 1)[0].rstrip("/")  # item URIs: base_uri + "/" + key
+    def __init__(self, source: str):
+        self.source = source
+        self.fs, self.root = storage.filesystem(source)
         info = self._info(self.root)
         if info.type == pafs.FileType.NotFound:
-            raise UserError(f"{uri}: source not found")
+            raise UserError(f"{source}: source not found (expected a directory, a URI or the word 'digits')")
         if info.type == pafs.FileType.File:
-            raise UserError(f"{uri}: not a directory (expected a dataset prefix)")
+            raise UserError(f"{source}: not a directory (expected a dataset folder or prefix)")
         top = self._select(self.root, recursive=False)
-        self.top_dirs = {i.base_name for i in top if i.type == pafs.FileType.Directory}
+        self.top_dirs = sorted(i.base_name for i in top if i.type == pafs.FileType.Directory)
         self.top_files = {i.base_name for i in top if i.type == pafs.FileType.File}
-        # rel of an indexed root -> (sorted immediate sub-folders, {sub-folder or "": sorted keys under it})
-        self._indexed: dict[str, tuple[list[str], dict[str, list[str]]]] = {}
+        # folder -> (sorted immediate sub-folders, {sub-folder or "" for files directly in it: sorted keys})
+        self._listed: dict[str, tuple[list[str], dict[str, list[str]]]] = {}
+
+    def _path(self, rel: str) -> str:
+        return f"{self.root}/{rel}" if rel else self.root
+
+    def name(self, rel: str = "") -> str:
+        return storage.join(self.source.split("?", 1)[0], rel) if rel else self.source
 
     def _info(self, path: str) -> pafs.FileInfo:
         try:
             return self.fs.get_file_info(path)
         except OSError as e:
-            raise UserError(f"{self.uri}: cannot read source ({_first_line(e)})") from None
+            raise UserError(f"{self.source}: cannot read source ({storage.first_line(e)})") from None
 
     def _select(self, path: str, recursive: bool) -> list[pafs.FileInfo]:
         try:
             return self.fs.get_file_info(pafs.FileSelector(path, recursive=recursive, allow_not_found=True))
         except OSError as e:
-            raise UserError(f"{self.uri}: cannot list {path} ({_first_line(e)})") from None
+            raise UserError(f"{self.source}: cannot list {path} ({storage.first_line(e)})") from None
 
-    def name(self, rel: str = "") -> str:
-        return f"{self.base_uri}/{rel}" if rel else self.uri
-
-    def index(self, rel: str) -> None:
-        """One recursive listing of ``rel`` (a split root), grouped by class folder."""
-        if rel in self._indexed:
-            return
-        base = f"{self.root}/{rel}" if rel else self.root
-        dirs: set[str] = set()
-        groups: dict[str, list[str]] = {}
-        for info in self._select(base, recursive=True):
-            sub = info.path[len(base) + 1:] if info.path.startswith(base + "/") else None
-            if not sub:
-                continue
-            head, sep, _ = sub.partition("/")
-            if info.type == pafs.FileType.Directory:
-                if not sep:
+    def index(self, rel: str) -> tuple[list[str], dict[str, list[str]]]:
+        if rel not in self._listed:
+            base = self._path(rel)
+            dirs: set[str] = set()
+            groups: dict[str, list[str]] = {}
+            for info in self._select(base, recursive=True):
+                sub = info.path[len(base) + 1:] if info.path.startswith(base + "/") else None
+                if not sub:
+                    continue
+                head, sep, _ = sub.partition("/")
+                if info.type == pafs.FileType.Directory and not sep:
                     dirs.add(head)
-            elif info.type == pafs.FileType.File:
-                if sep:
-                    dirs.add(head)  # an object under head/ makes head a folder even without a marker
-                groups.setdefault(head if sep else "", []).append(f"{rel}/{sub}" if rel else sub)
-        for keys in groups.values():
-            keys.sort(key=_key_order)
-        self._indexed[rel] = (sorted(dirs), groups)
-
-    def _covering(self, rel: str) -> tuple[str, str] | None:
-        for root in self._indexed:
-            if rel == root:
-                return root, ""
-            if root == "" or rel.startswith(root + "/"):
-                return root, rel[len(root) + 1:] if root else rel
-        return None
+                elif info.type == pafs.FileType.File:
+                    if sep:
+                        dirs.add(head)  # an object under head/ makes head a folder even without a marker
+                    groups.setdefault(head if sep else "", []).append(f"{rel}/{sub}" if rel else sub)
+            for keys in groups.values():
+                keys.sort(key=lambda k: k.split("/"))  # as sorted(Path) orders paths: part by part
+            self._listed[rel] = (sorted(dirs), groups)
+        return self._listed[rel]
 
     def is_dir(self, rel: str) -> bool:
-        if "/" not in rel:
-            return rel in self.top_dirs
-        return self._info(f"{self.root}/{rel}").type == pafs.FileType.Directory
+        return rel in self.top_dirs if "/" not in rel else self._info(self._path(rel)).type == pafs.FileType.Directory
+
+    def is_file(self, rel: str) -> bool:
+        return rel in self.top_files if "/" not in rel else self._info(self._path(rel)).type == pafs.FileType.File
 
     def subdirs(self, rel: str) -> list[str]:
-        if rel == "" and "" not in self._indexed:
-            return sorted(self.top_dirs)
-        if self._covering(rel) is None:
-            self.index(rel)
-        root, sub = self._covering(rel)  # type: ignore[misc]
-        if not sub:
-            return self._indexed[root][0]
-        prefix = sub + "/"
-        keys = self._files_in(root, sub)
-        start = len(root) + 1 + len(prefix) if root else len(prefix)
-        return sorted({k[start:].split("/")[0] for k in keys if "/" in k[start:]})
-
-    def _files_in(self, root: str, sub: str) -> list[str]:
-        groups = self._indexed[root][1]
-        if not sub:
-            return sorted((k for keys in groups.values() for k in keys), key=_key_order)
-        head, sep, _ = sub.partition("/")
-        keys = groups.get(head, [])
-        if not sep:
-            return keys
-        prefix = f"{root}/{sub}/" if root else f"{sub}/"
-        return [k for k in keys if k.startswith(prefix)]
+        """Sorted names of the folders directly under ``rel`` (torchvision's find_classes)."""
+        return self.top_dirs if rel == "" else self.index(rel)[0]
 
     def files(self, rel: str) -> list[str]:
-        if self._covering(rel) is None:
-            self.index(rel)
-        root, sub = self._covering(rel)  # type: ignore[misc]
-        return self._files_in(root, sub)
+        """Keys of every file under ``rel``, recursively, sorted as paths."""
+        parent, _, name = rel.rpartition("/")
+        if parent in self._listed and name:  # a class folder of an already listed split: its group
+            return self._listed[parent][1].get(name, [])
+        groups = self.index(rel)[1]
+        return sorted((k for keys in groups.values() for k in keys), key=lambda k: k.split("/"))
 
-    def item_path(self, key: str) -> str:
-        return f"{self.base_uri}/{key}"
-
-    def find_file(self, names: tuple[str, ...], *rels: str) -> str | None:
-        """The first of ``names`` in the given folders, then in up to 3 parents of the source (one call)."""
-        dirs = [f"{self.root}/{r}" if r else self.root for r in rels]
+    def find_text(self, names: tuple[str, ...], *rels: str) -> tuple[str, str] | None:
+        """(path, text) of the first of ``names`` found in the given folders, then in up to 3 parents of the
+        source (ImageNet's CSVs sit above its train/ in some layouts); one listing call."""
+        dirs = [self._path(r) for r in rels]
         parent = self.root
         for _ in range(3):
             if "/" not in parent.strip("/"):
@@ -215,36 +136,40 @@ class _UriTree:
             dirs.append(parent)
         candidates = [f"{d.rstrip('/')}/{n}" for d in dirs for n in names]
         try:
-            infos = self.fs.get_file_info(candidates)
+            path = next((i.path for i in self.fs.get_file_info(candidates) if i.type == pafs.FileType.File), None)
         except OSError:
             return None
-        return next((i.path for i in infos if i.type == pafs.FileType.File), None)
+        return (path, self._text(path, path)) if path else None
 
-    def read_text(self, path: str) -> str:
+    def read_bytes(self, rel: str, shown: str | None = None) -> bytes:
+        """A file the layout needs (relative to the root, or a path inside the filesystem with ``shown``)."""
+        path, shown = (rel, shown) if shown else (self._path(rel), self.name(rel))
         try:
             with self.fs.open_input_stream(path) as f:
-                return f.read().decode()
+                return f.read()
+        except FileNotFoundError:
+            raise UserError(f"{shown}: not found (this source layout needs it)") from None
         except OSError as e:
-            raise UserError(f"{path}: cannot read ({_first_line(e)})") from None
+            raise UserError(f"{shown}: cannot read ({storage.first_line(e)})") from None
+
+    def read_text(self, rel: str) -> str:
+        return self._text(self._path(rel), self.name(rel))
+
+    def _text(self, path: str, shown: str) -> str:
+        try:
+            return self.read_bytes(path, shown).decode()
+        except UnicodeDecodeError as e:
+            raise UserError(f"{shown}: not UTF-8 text (byte {e.start})") from None
 
 
-Tree = _LocalTree | _UriTree
+# ---------------------------------------------------------------------------------------------------------
+# Readers: (tree, val_fraction or None for the format's default, seed) -> Listing
 
 
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]
-
-
-def _class_folder_items(tree: Tree, rel: str, classes: list[str], split: str) -> list[Item]:
-    items = []
-    for label, name in enumerate(classes):
-        for key in tree.files(f"{rel}/{name}" if rel else name):
-            items.append(Item(split, key, label, path=tree.item_path(key)))
-    return items
-
-
-def _split_val_fraction(items: list[Item], fraction: float, seed: int) -> list[Item]:
-    """Move a seeded, per-class fraction of the items to 'val' (stratified, so every class is in both)."""
+def _split_val_fraction(items: list[Item], fraction: float | None, seed: int) -> list[Item]:
+    """Move a seeded, per-class fraction (default 10%) of the items to 'val' (stratified: every class is in
+    both splits)."""
+    fraction = DEFAULT_VAL_FRACTION if fraction is None else fraction
     rng = np.random.default_rng(seed)
     by_label: dict[int, list[Item]] = {}
     for it in items:
@@ -258,40 +183,35 @@ def _split_val_fraction(items: list[Item], fraction: float, seed: int) -> list[I
     return items
 
 
-def _find_file(names: tuple[str, ...], *dirs: Path) -> Path | None:
-    for d in dirs:
-        for n in names:
-            if (d / n).is_file():
-                return d / n
-    return None
+def _class_folder_items(tree: Tree, rel: str, classes: list[str], split: str) -> list[Item]:
+    return [Item(split, key, label) for label, name in enumerate(classes)
+            for key in tree.files(f"{rel}/{name}" if rel else name)]
 
 
 def _synset_names(tree: Tree, wnids: list[str]) -> list[str]:
     """Readable names from ImageNet's LOC_synset_mapping.txt when present, else the wnids themselves."""
-    mapping_file = tree.find_file(("LOC_synset_mapping.txt", "synset_words.txt"), "")
-    if not mapping_file:
+    found = tree.find_text(("LOC_synset_mapping.txt", "synset_words.txt"), "")
+    if not found:
         return list(wnids)
     names = {}
-    for line in tree.read_text(mapping_file).splitlines():
+    for line in found[1].splitlines():
         wnid, _, words = line.partition(" ")
         names[wnid] = words.split(",")[0].strip() or wnid
     return [names.get(w, w) for w in wnids]
 
 
-def read_class_folders(source: Path | Tree, val_fraction: float, seed: int) -> Listing:
+def read_class_folders(tree: Tree, val_fraction: float | None, seed: int) -> Listing:
     """ImageNet's layout (train/<class>/, val/<class>/ or a flat val/ + LOC_val_solution.csv), or plain
-    class folders split by ``val_fraction``. ``source`` is a local directory or a listed URI."""
-    tree = _LocalTree(source) if isinstance(source, Path) else source
-    uri = tree.uri if isinstance(tree, _UriTree) else None
+    class folders split by ``val_fraction``."""
     if not tree.is_dir("train"):
-        tree.index("")
         classes = tree.subdirs("")
         if not classes:
-            raise UserError(
-                f"{tree.name()}: no class folders found (expected SOURCE/<class>/* or SOURCE/train/<class>/*)"
-            )
+            raise UserError(f"{tree.name()}: no class folders found (expected SOURCE/<class>/* or "
+                            "SOURCE/train/<class>/*)")
+        tree.index("")  # one listing of the whole source, grouped by class
         items = _class_folder_items(tree, "", classes, "train")
-        return Listing("folders", classes, items=_split_val_fraction(items, val_fraction, seed), uri=uri)
+        return Listing("folders", classes, items=_split_val_fraction(items, val_fraction, seed),
+                       root=tree.source)
 
     classes = tree.subdirs("train")
     if not classes:
@@ -302,7 +222,7 @@ def read_class_folders(source: Path | Tree, val_fraction: float, seed: int) -> L
         _synset_names(tree, classes) if is_wnid else classes,
         wnids=classes if is_wnid else None,
         items=_class_folder_items(tree, "train", classes, "train"),
-        uri=uri,
+        root=tree.source,
     )
     if not tree.is_dir("val"):
         _split_val_fraction(listing.items, val_fraction, seed)
@@ -311,9 +231,8 @@ def read_class_folders(source: Path | Tree, val_fraction: float, seed: int) -> L
         if unknown:
             raise UserError(f"{tree.name('val')}: class folders not in train/: {', '.join(unknown[:5])}")
         index = {c: i for i, c in enumerate(classes)}
-        for name in val_classes:
-            for key in tree.files(f"val/{name}"):
-                listing.items.append(Item("val", key, index[name], path=tree.item_path(key)))
+        listing.items.extend(Item("val", key, index[name]) for name in val_classes
+                             for key in tree.files(f"val/{name}"))
     else:
         listing.items.extend(_flat_imagenet_val(tree, classes, listing))
     return listing
@@ -321,16 +240,15 @@ def read_class_folders(source: Path | Tree, val_fraction: float, seed: int) -> L
 
 def _flat_imagenet_val(tree: Tree, classes: list[str], listing: Listing) -> list[Item]:
     """ImageNet's flat validation folder, labelled by LOC_val_solution.csv (ImageId, PredictionString)."""
-    solution = tree.find_file(("LOC_val_solution.csv",), "", "val")
-    if solution is None:
-        raise UserError(
-            f"{tree.name('val')}: flat validation folder without labels (expected LOC_val_solution.csv in "
-            f"{tree.name()})"
-        )
+    found = tree.find_text(("LOC_val_solution.csv",), "", "val")
+    if found is None:
+        raise UserError(f"{tree.name('val')}: flat validation folder without labels (expected "
+                        f"LOC_val_solution.csv in {tree.name()})")
+    solution, text = found
     solution_name = PurePosixPath(solution).name
     index = {c: i for i, c in enumerate(classes)}
     labels: dict[str, int] = {}
-    for row in csv.DictReader(io.StringIO(tree.read_text(solution), newline="")):
+    for row in csv.DictReader(io.StringIO(text, newline="")):
         wnid = row["PredictionString"].split()[0]
         if wnid not in index:
             raise UserError(f"{solution}: image {row['ImageId']} has class {wnid}, not in train/")
@@ -341,87 +259,103 @@ def _flat_imagenet_val(tree: Tree, classes: list[str], listing: Listing) -> list
         if label is None:
             listing.rejects.append({"path": key, "split": "val", "reason": f"no label in {solution_name}"})
             continue
-        items.append(Item("val", key, label, path=tree.item_path(key)))
+        items.append(Item("val", key, label))
     return items
 
 
-def read_tiny_imagenet(source: Path, val_fraction: float, seed: int) -> Listing:
+def read_tiny_imagenet(tree: Tree, val_fraction: float | None, seed: int) -> Listing:
     """Tiny ImageNet: wnids.txt, words.txt, train/<wnid>/images/*, val/images/* + val/val_annotations.txt."""
-    wnids = sorted(w.strip() for w in (source / "wnids.txt").read_text().split() if w.strip())
+    wnids = sorted(w.strip() for w in tree.read_text("wnids.txt").split() if w.strip())
     words: dict[str, str] = {}
-    words_file = source / "words.txt"
-    if words_file.is_file():
-        for line in words_file.read_text().splitlines():
+    if tree.is_file("words.txt"):
+        for line in tree.read_text("words.txt").splitlines():
             wnid, _, text = line.partition("\t")
             words[wnid] = text.split(",")[0].strip()
-    listing = Listing("tiny_imagenet", [words.get(w, w) for w in wnids], wnids=wnids)
+    listing = Listing("tiny_imagenet", [words.get(w, w) for w in wnids], wnids=wnids, root=tree.source)
     index = {w: i for i, w in enumerate(wnids)}
+    tree.index("train")  # one listing of train/, grouped by wnid
     for wnid in wnids:
-        images = source / "train" / wnid / "images"
-        for f in _files_under(images if images.is_dir() else source / "train" / wnid):
-            if f.name.endswith("_boxes.txt"):
+        for key in tree.files(f"train/{wnid}"):
+            if key.endswith("_boxes.txt"):
                 continue  # bounding boxes, part of the layout, not an image
-            listing.items.append(Item("train", str(f.relative_to(source)), index[wnid], path=str(f)))
-    annotations = source / "val" / "val_annotations.txt"
-    if annotations.is_file():
+            listing.items.append(Item("train", key, index[wnid]))
+    if tree.is_file("val/val_annotations.txt"):
         labels = {}
-        for line in annotations.read_text().splitlines():
+        for line in tree.read_text("val/val_annotations.txt").splitlines():
             parts = line.split("\t")
             if len(parts) >= 2:
                 labels[parts[0]] = parts[1]
-        for f in _files_under(source / "val" / "images"):
-            key = str(f.relative_to(source))
-            wnid = labels.get(f.name)
+        for key in tree.files("val/images"):
+            wnid = labels.get(PurePosixPath(key).name)
             if wnid not in index:
                 listing.rejects.append({"path": key, "split": "val", "reason": "no label in val_annotations.txt"})
                 continue
-            listing.items.append(Item("val", key, index[wnid], path=str(f)))
+            listing.items.append(Item("val", key, index[wnid]))
     else:
         _split_val_fraction(listing.items, val_fraction, seed)
     return listing
 
 
-def read_cifar100(source: Path, val_fraction: float, seed: int) -> Listing:
+class _ArrayUnpickler(pickle.Unpickler):
+    """CIFAR's pickles hold dicts, lists, strings and numpy arrays: rebuilding those is all a file may ask
+    for. Any other global (os.system, builtins.eval, ...) is refused, so a crafted file runs no code."""
+
+    ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "_reconstruct"),
+               ("numpy._core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "scalar"),
+               ("numpy._core.multiarray", "scalar"), ("_codecs", "encode")}
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refused to load {module}.{name} (only numpy arrays are expected)")
+        return super().find_class(module, name)
+
+
+def read_cifar100(tree: Tree, val_fraction: float | None, seed: int) -> Listing:
     """CIFAR-100's python pickles (train, test, meta); fine labels; 'test' becomes the val split."""
 
     def unpickle(name: str) -> dict:
-        with (source / name).open("rb") as f:
-            return pickle.load(f, encoding="latin1")
+        try:
+            data = _ArrayUnpickler(io.BytesIO(tree.read_bytes(name)), encoding="latin1").load()
+        except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as e:
+            raise UserError(f"{tree.name(name)}: not a CIFAR-100 pickle ({storage.first_line(e)})") from None
+        if not isinstance(data, dict):
+            raise UserError(f"{tree.name(name)}: not a CIFAR-100 pickle (expected a dict, got {type(data).__name__})")
+        return data
 
     meta = unpickle("meta")
+    if "fine_label_names" not in meta:
+        raise UserError(f"{tree.name('meta')}: missing 'fine_label_names' (expected CIFAR-100's meta file)")
     listing = Listing("cifar100", list(meta["fine_label_names"]))
     for split, name in (("train", "train"), ("val", "test")):
         batch = unpickle(name)
-        data = np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
-        for i, (pixels, label) in enumerate(zip(data, batch["fine_labels"], strict=True)):
-            filename = batch["filenames"][i] if "filenames" in batch else f"{i:05d}.png"
-            listing.items.append(
-                Item(split, f"{name}/{filename}", int(label), pixels=pixels.tobytes(), shape=(32, 32))
-            )
+        try:
+            data = np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+            files = batch["filenames"] if "filenames" in batch else [f"{i:05d}.png" for i in range(len(data))]
+            listing.items += [Item(split, f"{name}/{file}", int(label), pixels=pixels.tobytes(), shape=(32, 32))
+                              for pixels, label, file in zip(data, batch["fine_labels"], files, strict=True)]
+        except (KeyError, ValueError, TypeError) as e:  # zip(strict=True): as many labels as images
+            raise UserError(f"{tree.name(name)}: not a CIFAR-100 batch ({storage.first_line(e)}; expected "
+                            "'data' of N x 3072 bytes and N 'fine_labels')") from None
     return listing
 
 
-DIGITS_SIZE = 32
-DIGITS_VAL_FRACTION = 0.2
-DIGITS_SEED = 0
-
-
-def read_digits(source: Path | None = None, val_fraction: float = DIGITS_VAL_FRACTION, seed: int = 0) -> Listing:
-    """scikit-learn's 1,797 8x8 digits, upscaled to 32x32 RGB; a fixed, seeded, stratified 80/20 split."""
+def read_digits(tree: Tree | None, val_fraction: float | None, seed: int) -> Listing:
+    """scikit-learn's 1,797 8x8 digits (built in: no source folder), upscaled to 32x32 RGB; a seeded,
+    stratified split, 20% val unless ``val_fraction`` says otherwise."""
     from PIL import Image
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
     digits = load_digits()
     idx = np.arange(len(digits.target))
-    train_idx, _ = train_test_split(
-        idx, test_size=DIGITS_VAL_FRACTION, random_state=DIGITS_SEED, stratify=digits.target
-    )
+    fraction = DIGITS_VAL_FRACTION if val_fraction is None else val_fraction
+    train_idx = idx if fraction == 0 else train_test_split(
+        idx, test_size=fraction, random_state=seed, stratify=digits.target)[0]
     train_set = set(train_idx.tolist())
     listing = Listing("digits", [str(d) for d in digits.target_names])
     for i in idx:
         gray = (digits.images[i] * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)
-        big = Image.fromarray(gray).resize((DIGITS_SIZE, DIGITS_SIZE), Image.BILINEAR).convert("RGB")
+        big = Image.fromarray(gray).resize((32, 32), Image.BILINEAR).convert("RGB")
         split = "train" if i in train_set else "val"
         listing.items.append(
             Item(split, f"digits/{i:04d}", int(digits.target[i]), pixels=big.tobytes(), shape=big.size[::-1])
@@ -429,65 +363,38 @@ def read_digits(source: Path | None = None, val_fraction: float = DIGITS_VAL_FRA
     return listing
 
 
-Reader = Callable[[Path, float, int], Listing]
+Reader = Callable[[Tree, "float | None", int], Listing]
+# --format's choices. A new layout is one reader function and one entry here (and a rule in detect_format).
 READERS: dict[str, Reader] = {
-    "digits": read_digits,
     "imagenet": read_class_folders,
     "folders": read_class_folders,
     "tiny_imagenet": read_tiny_imagenet,
     "cifar100": read_cifar100,
+    "digits": read_digits,  # built in: the source is the word 'digits'
 }
 
 
-def detect_format(source: Path) -> str:
-    """Name the layout of ``source`` from the files that define it."""
-    if (source / "meta").is_file() and (source / "train").is_file() and (source / "test").is_file():
+def detect_format(tree: Tree) -> str:
+    """Name the layout of a source from the files that define it."""
+    if {"meta", "train", "test"} <= tree.top_files:
         return "cifar100"
-    if (source / "wnids.txt").is_file():
+    if "wnids.txt" in tree.top_files:
         return "tiny_imagenet"
-    if source.is_dir() and any(e.is_dir() for e in os.scandir(source)):
+    if tree.top_dirs:
         return "folders"
     raise UserError(
-        f"{source}: unrecognised source layout (expected class folders, train/<class>/, Tiny ImageNet's "
+        f"{tree.source}: unrecognised source layout (expected class folders, train/<class>/, Tiny ImageNet's "
         "wnids.txt, or CIFAR-100's train/test/meta pickles); name one with --format"
     )
 
 
-URI_FORMATS = ("imagenet", "folders")
-
-
-def _detect_uri_format(tree: _UriTree) -> str:
-    """The local rules on one listing of the URI's top level; only the class-folder layouts are read."""
-    if {"meta", "train", "test"} <= tree.top_files or "wnids.txt" in tree.top_files:
-        raise UserError(f"{tree.uri}: URI sources support the imagenet and folders layouts; copy it locally")
-    if tree.top_dirs:
-        return "folders"
-    raise UserError(
-        f"{tree.uri}: no class folders found (expected SOURCE/<class>/* or SOURCE/train/<class>/*)"
-    )
-
-
-def list_source(source: str, fmt: str | None, val_fraction: float, seed: int) -> Listing:
+def list_source(source: str, fmt: str | None, val_fraction: float | None, seed: int) -> Listing:
     """Resolve SOURCE (a path, a pyarrow.fs URI or 'digits') and list it with the reader for its format."""
-    if source == "digits" or fmt == "digits":
-        return read_digits()
     if fmt is not None and fmt not in READERS:
         raise UserError(f"--format {fmt}: unknown format; expected one of {', '.join(READERS)}")
-    if "://" in source:
-        if fmt is not None and fmt not in URI_FORMATS:
-            raise UserError(f"{source}: URI sources support the imagenet and folders layouts, not --format {fmt}")
-        tree = _UriTree(source)
-        fmt = fmt or _detect_uri_format(tree)
-        log.info("listing %s as %s", source, fmt)
-        return read_class_folders(tree, val_fraction, seed)
-    path = Path(source)
-    if not path.exists():
-        raise UserError(f"{source}: source not found (expected a directory or the word 'digits')")
-    if not path.is_dir():
-        raise UserError(f"{source}: not a directory (expected a dataset folder or the word 'digits')")
-    fmt = fmt or detect_format(path)
+    if source == "digits" or fmt == "digits":
+        return read_digits(None, val_fraction, seed)
+    tree = Tree(source)
+    fmt = fmt or detect_format(tree)
     log.info("listing %s as %s", source, fmt)
-    try:
-        return READERS[fmt](path, val_fraction, seed)
-    except FileNotFoundError as e:
-        raise UserError(f"{e.filename}: missing for format {fmt}") from None
+    return READERS[fmt](tree, val_fraction, seed)

@@ -2,7 +2,7 @@
 
 set up -> restore (Ray's latest checkpoint, or --resume-from) -> for each epoch: train steps, evaluate,
 report metrics + checkpoint through ray.train.report (a barrier every worker reaches). The epoch metrics
-reach MLflow from the Train controller (tracking.EpochMetricsCallback); rank 0 logs the per-step curve.
+reach MLflow from the Train controller (train/callbacks.py); rank 0 logs the per-step curve.
 """
 
 from __future__ import annotations
@@ -16,13 +16,17 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import ray
+import ray.train
+import ray.train.torch
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from vitlab import model as models
 from vitlab.config import JobConfig
 from vitlab.data.pipeline import normalize_on_device
-from vitlab.model import create_model
+from vitlab.tracking import StepLogger
 from vitlab.train import state as ckpt
 from vitlab.train.optim import build_loss, build_mixup, build_optimizer, build_schedule, effective_lr
 
@@ -38,15 +42,13 @@ class NonFiniteLossError(FloatingPointError):
 
 @dataclass
 class LoopInputs:
-    """What the driver hands every worker besides the JobConfig (see trainer.build_trainer)."""
+    """What every worker needs beside the JobConfig: facts of the dataset and of this run, no settings."""
 
-    job: dict[str, Any]
-    model_kwargs: dict[str, Any]
     num_classes: int
     train_rows: int
+    tracking_uri: str | None  # the MLflow run rank 0 logs step metrics to (None: no step logging)
     run_id: str | None
-    tracking_uri: str | None
-    resume_from: str | None
+    resume_from: str | None  # --resume-from, used when the run has no checkpoint of its own
     epoch_clock: Any  # EpochClock actor handle
 
 
@@ -177,8 +179,6 @@ def _gather_rng() -> list[dict[str, Any]]:
 
 def _restore_point(inputs: LoopInputs):
     """Ray's latest checkpoint of this run (resume, or restart after a failure) wins over --resume-from."""
-    import ray.train
-
     found = ray.train.get_checkpoint()
     if found is not None:
         return found, OWN_CHECKPOINT
@@ -188,12 +188,8 @@ def _restore_point(inputs: LoopInputs):
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    import ray
-    import ray.train
-    import ray.train.torch
-
-    inputs = LoopInputs(**config)
-    cfg = JobConfig.model_validate(inputs.job)
+    cfg: JobConfig = config["job"]
+    inputs: LoopInputs = config["inputs"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
@@ -201,7 +197,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     np.random.seed((cfg.train.seed + rank) % 2**32)
 
     # -- set up ----------------------------------------------------------------------------------------
-    model = create_model(cfg.model.name, inputs.num_classes, inputs.model_kwargs).to(device)
+    model = models.build(cfg, inputs.num_classes).to(device)
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     global_batch = cfg.train.batch_size
@@ -232,8 +228,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         model = torch.compile(model)
     logger = None
     if rank == 0 and inputs.run_id:
-        from vitlab.tracking import StepLogger
-
         logger = StepLogger(inputs.tracking_uri, inputs.run_id, cfg.tracking.system_metrics)
     if rank == 0:
         ray.get(inputs.epoch_clock.set.remote(start_epoch))

@@ -6,6 +6,9 @@ import math
 from dataclasses import dataclass
 
 import torch
+from timm.data import Mixup
+from timm.loss import SoftTargetCrossEntropy
+from timm.optim import create_optimizer_v2
 from torch import nn
 
 from vitlab.config import OptimConfig
@@ -19,8 +22,6 @@ def effective_lr(optim: OptimConfig, global_batch: int) -> float:
 def build_optimizer(model: nn.Module, optim: OptimConfig, lr: float) -> torch.optim.Optimizer:
     """AdamW or LAMB through timm: no weight decay on norms, biases (1-d params) and on what the model
     lists in no_weight_decay() (position embeddings, class/distillation tokens)."""
-    from timm.optim import create_optimizer_v2
-
     return create_optimizer_v2(
         model, opt=optim.name, lr=lr, weight_decay=optim.weight_decay, betas=tuple(optim.betas),
         eps=optim.eps, filter_bias_and_bn=True,
@@ -65,8 +66,6 @@ def build_mixup(optim: OptimConfig, num_classes: int):
     """timm's Mixup (mixup and/or cutmix, label smoothing folded into its soft targets), or None."""
     if optim.mixup <= 0 and optim.cutmix <= 0:
         return None
-    from timm.data import Mixup
-
     return Mixup(
         mixup_alpha=optim.mixup, cutmix_alpha=optim.cutmix, prob=optim.mixup_prob,
         switch_prob=optim.mixup_switch_prob, label_smoothing=optim.label_smoothing, num_classes=num_classes,
@@ -76,7 +75,5 @@ def build_mixup(optim: OptimConfig, num_classes: int):
 def build_loss(optim: OptimConfig, mixup) -> nn.Module:
     """Soft-target cross-entropy under mixup/cutmix, else cross-entropy with label smoothing."""
     if mixup is not None:
-        from timm.loss import SoftTargetCrossEntropy
-
         return SoftTargetCrossEntropy()
     return nn.CrossEntropyLoss(label_smoothing=optim.label_smoothing)

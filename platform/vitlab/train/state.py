@@ -2,20 +2,25 @@
 
 A checkpoint is a directory: ``state.pt`` (torch), ``config.yaml`` (the resolved JobConfig), ``metrics.json``
 (the epoch's metrics) and, for at most 100 classes, ``confusion.npy``. Files are written under a temporary
-name and renamed, so a crash never leaves a file that looks complete.
+name and renamed, so a crash never leaves a file that looks complete. torch is imported inside the
+functions that use it: deploy/ reads checkpoints without paying for torch at import time.
 """
 
 from __future__ import annotations
 
+import io
 import json
-import os
 import random
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
+
+from vitlab.train import storage
+
+if TYPE_CHECKING:
+    import torch
 
 STATE_FILE = "state.pt"
 CONFIG_FILE = "config.yaml"
@@ -24,6 +29,8 @@ CONFUSION_FILE = "confusion.npy"
 
 
 def rng_state() -> dict[str, Any]:
+    import torch
+
     state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -31,6 +38,8 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    import torch
+
     torch.set_rng_state(state["torch"])
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
@@ -40,6 +49,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The plain timm module under DDP and torch.compile wrappers (no 'module.' / '_orig_mod.' prefix)."""
+    import torch
+
     while True:
         if hasattr(model, "_orig_mod"):
             model = model._orig_mod
@@ -47,18 +58,6 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
             model = model.module
         else:
             return model
-
-
-def atomic_torch_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def write_checkpoint_dir(
@@ -75,23 +74,30 @@ def write_checkpoint_dir(
         "step": step,  # optimizer steps completed
         "rng": rng_states,  # one entry per rank
     }
-    atomic_torch_save(state, out / STATE_FILE)
-    atomic_write_text(out / CONFIG_FILE, config_yaml)
-    atomic_write_text(out / METRICS_FILE, json.dumps(metrics, indent=2))
+    storage.save_torch(state, str(out / STATE_FILE))
+    storage.write_text(str(out / CONFIG_FILE), config_yaml)
+    storage.write_text(str(out / METRICS_FILE), json.dumps(metrics, indent=2))
     if confusion is not None:
-        tmp = out / f".{CONFUSION_FILE}.tmp.npy"
-        np.save(tmp, confusion)
-        os.replace(tmp, out / CONFUSION_FILE)
+        buf = io.BytesIO()
+        np.save(buf, confusion)
+        storage.write_bytes(str(out / CONFUSION_FILE), buf.getvalue())
     return out
 
 
 def load_state(checkpoint_dir: str | Path) -> dict[str, Any]:
+    import torch
+
     return torch.load(Path(checkpoint_dir) / STATE_FILE, map_location="cpu", weights_only=False)
 
 
 def load_metrics(checkpoint_dir: str | Path) -> dict[str, Any] | None:
     f = Path(checkpoint_dir) / METRICS_FILE
     return json.loads(f.read_text()) if f.is_file() else None
+
+
+def load_confusion(checkpoint_dir: str | Path) -> np.ndarray | None:
+    f = Path(checkpoint_dir) / CONFUSION_FILE
+    return np.load(f) if f.is_file() else None
 
 
 def restore(state: dict[str, Any], model, optimizer, scaler, rank: int) -> None:

@@ -1,23 +1,18 @@
 """`vitlab bench infer` and `vitlab bench train` in their quick modes (tiny model, a few iterations)."""
 
 import json
-import subprocess
-from pathlib import Path
 
 import pytest
 
-from helpers import VITLAB
+from tests.support.cli import run_cli
 from vitlab.bench.infer import bench_infer
 from vitlab.bench.train import bench_train, format_report
 from vitlab.errors import UserError
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def test_bench_infer_quick_runtimes_side_by_side(tmp_path):
     out = tmp_path / "infer.json"
-    proc = subprocess.run([VITLAB, "bench", "infer", "--quick", "--output-json", str(out)], capture_output=True,
-                          text=True, timeout=600, cwd=ROOT)
+    proc = run_cli("bench", "infer", "--quick", "--output-json", out)
     assert proc.returncode == 0, proc.stderr
     report = json.loads(out.read_text())
     key = f"batch{report['settings']['batch_size']}_images_per_s"
@@ -30,8 +25,8 @@ def test_bench_infer_quick_runtimes_side_by_side(tmp_path):
     assert 0 < int8["max_abs_diff_vs_eager"] < 1.0  # quantized: close to fp32, not equal
     assert "onnxruntime_int8" in report["ratios"]
     ratios = report["ratios"]["onnxruntime"]
-    assert ratios["batch1_p50_vs_eager"] == pytest.approx(
-        report["onnxruntime"]["batch1_p50_ms"] / report["torch_eager"]["batch1_p50_ms"], rel=0.01)
+    assert ratios["batch1_p50_vs_eager"] == pytest.approx(  # the report rounds ratios to 3 decimals
+        report["onnxruntime"]["batch1_p50_ms"] / report["torch_eager"]["batch1_p50_ms"], rel=0.01, abs=5e-4)
     compiled = report["torch_compile"]
     if "unavailable" in compiled:  # reported, not raised, where inductor does not work
         assert compiled["unavailable"] and "torch_compile" not in report["ratios"]
@@ -40,14 +35,12 @@ def test_bench_infer_quick_runtimes_side_by_side(tmp_path):
     assert report["settings"]["quick"] and report["settings"]["threads"] >= 1
 
 
-def test_bench_infer_no_compile_and_bad_model():
+def test_bench_infer_no_compile_and_chosen_runtimes():
     report = bench_infer(quick=True, compile=False, iters=3)
     assert report["torch_compile"] == {"unavailable": "skipped (--no-compile)"}
     assert set(report["ratios"]) == {"onnxruntime", "onnxruntime_int8"}
-    proc = subprocess.run([VITLAB, "bench", "infer", "--model", "vit_smal_patch16_224"], capture_output=True,
-                          text=True, timeout=120, cwd=ROOT)
-    assert proc.returncode == 2 and "did you mean vit_small_patch16_224" in proc.stderr
-    assert "Traceback" not in proc.stderr
+    only = bench_infer(quick=True, iters=3, runtimes=["onnxruntime"])  # eager always runs: the reference
+    assert set(only["ratios"]) == {"onnxruntime"} and only["onnxruntime_int8"] == {"unavailable": "skipped"}
 
 
 def test_bench_train_quick_ray_vs_plain(ray_session):

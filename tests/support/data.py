@@ -1,4 +1,4 @@
-"""Small real datasets for tests: JPEG trees, CIFAR-style pickles, Tiny-ImageNet-style folders."""
+"""Small real datasets: JPEG trees, CIFAR-style pickles, Tiny-ImageNet-style folders."""
 
 from __future__ import annotations
 
@@ -8,8 +8,6 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-
-VITLAB = str(Path(__file__).resolve().parents[1] / ".venv" / "bin" / "vitlab")
 
 
 def jpeg_bytes(label: int, index: int, size=(24, 20), mode="RGB", quality=90) -> bytes:

@@ -16,8 +16,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-VENV_BIN = ROOT / ".venv" / "bin"
+from tests.support import BIN as VENV_BIN
 
 
 def free_ports(n: int) -> list[int]:
@@ -136,6 +135,7 @@ def start_head(num_cpus: int = 2, timeout: float = 120.0) -> Head:
     gcs, dash, client, agent_http, agent_grpc, metrics, env_agent, node_mgr, obj_mgr = free_ports(9)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_", "VITLAB_"))}
     env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_file), PATH=f"{VENV_BIN}:{env['PATH']}",
+               RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
                RAY_USAGE_STATS_ENABLED="0", RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0")
     log = Path(temp_dir) / "ray_start.log"
     cmd = [str(VENV_BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 import subprocess
 import time
 from pathlib import Path
@@ -13,15 +14,10 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from helpers import VITLAB
-from raycluster import free_ports, start_head
-from vitlab.errors import UserError
-from vitlab.jobs import MAX_WORKING_DIR_BYTES, stage, working_dir_files
+from tests.support import BIN, ROOT, TINY, VITLAB
+from tests.support.raycluster import start_head
 
-ROOT = Path(__file__).resolve().parents[1]
-RAY = str(ROOT / ".venv" / "bin" / "ray")
-TINY = ["data.image_size=16", "model.kwargs.embed_dim=32", "model.kwargs.depth=1", "model.kwargs.num_heads=2",
-        "train.batch_size=64", "optim.warmup_epochs=0", "tracking.system_metrics=false"]
+RAY = str(BIN / "ray")
 
 
 def run(cmd: list[str], env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess:
@@ -116,7 +112,8 @@ def test_plain_ray_job_submit_and_jobs_commands(head, prepared, store):
     env = head.client_env()
     check = "test ! -e .venv && test ! -e .git && test ! -e data && test ! -e mlflow.db"
     train = (f"vitlab train jobs/digits_vit.yaml train.epochs=50 data.path={data} run.name=plain "
-             f"run.storage_path={store / 'plain_runs'} tracking.uri=sqlite:///{store / 'plain.db'} " + " ".join(TINY))
+             f"run.storage_path={store / 'plain_runs'} tracking.uri=sqlite:///{store / 'plain.db'} "
+             + shlex.join(TINY))
     proc = run([RAY, "job", "submit", "--address", head.url, "--working-dir", ".", "--no-wait",
                 "--submission-id", "plain-train-1", "--", "sh", "-c", f"{check} && {train}"], env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -175,44 +172,3 @@ def test_missing_or_refused_token_is_one_line_exit_2(head, tmp_path):
     proc = run([VITLAB, "submit", "--address", head.url, "--", "data", "prepare", "digits", "--out",
                 str(tmp_path / "never")], {**base, "HOME": str(empty_home)})
     assert proc.returncode == 2 and "none was found" in proc.stderr and not (tmp_path / "never").exists()
-
-
-def test_bad_command_or_config_fails_before_submitting(tmp_path):
-    env = {"PATH": str(ROOT / ".venv" / "bin") + ":/usr/bin:/bin", "HOME": str(tmp_path)}
-    nowhere = f"http://127.0.0.1:{free_ports(1)[0]}"
-    typo = run([VITLAB, "submit", "--address", nowhere, "--", "trian", "jobs/digits_vit.yaml"], env)
-    assert typo.returncode == 2 and "invalid choice: 'trian'" in typo.stderr
-    key = run([VITLAB, "submit", "--address", nowhere, "--", "train", "jobs/digits_vit.yaml", "optim.lrr=1"], env)
-    assert key.returncode == 2 and "did you mean optim.lr" in key.stderr
-    nested = run([VITLAB, "submit", "--address", nowhere, "--", "submit", "--", "train", "x.yaml"], env)
-    assert nested.returncode == 2 and "does not run as a job" in nested.stderr
-    down = run([VITLAB, "jobs", "list", "--address", nowhere], env)
-    assert down.returncode == 2 and f"no Ray cluster answers at {nowhere}" in down.stderr
-
-
-def test_working_dir_leaves_out_data_runs_stores_and_vcs(tmp_path):
-    root = tmp_path / "repo"
-    files = ["jobs/a.yaml", "platform/vitlab/data/pipeline.py", "platform/vitlab/__init__.py", "README.md",
-             "data/digits/manifest.json", "runs/x/checkpoint_1/state.pt", ".git/HEAD", ".venv/bin/python",
-             "mlruns/0/meta.yaml", "mlflow.db", "platform/vitlab/__pycache__/cli.cpython-311.pyc", "notes/big.bin",
-             "src/keep.py", ".gitignore", ".rayignore"]
-    for f in files:
-        (root / f).parent.mkdir(parents=True, exist_ok=True)
-        (root / f).write_text("x")
-    (root / ".gitignore").write_text("/notes/\n")
-    (root / ".rayignore").write_text("/src\n")
-    got = {str(p) for p in working_dir_files(root)}
-    assert got == {"jobs/a.yaml", "platform/vitlab/data/pipeline.py", "platform/vitlab/__init__.py", "README.md",
-                   ".gitignore", ".rayignore"}
-    wd, pkg = stage(root, tmp_path / "staged")
-    assert (wd / "jobs" / "a.yaml").is_file() and (pkg / "jobs.py").is_file() and (pkg / "data").is_dir()
-    assert not list(pkg.rglob("__pycache__"))
-
-
-def test_working_dir_too_big_is_refused(tmp_path):
-    root = tmp_path / "repo"
-    (root / "weights").mkdir(parents=True)
-    with (root / "weights" / "model.bin").open("wb") as f:
-        f.truncate(MAX_WORKING_DIR_BYTES + 1)  # sparse: no real disk used
-    with pytest.raises(UserError, match=r"MiB to upload .*weights/model.bin"):
-        stage(root, tmp_path / "staged")

@@ -1,4 +1,5 @@
-"""Sweeps: search-space parsing and its errors, and a tiny ASHA sweep tracked as MLflow parent + children."""
+"""Sweeps on a real local Ray: a tiny ASHA sweep tracked as MLflow parent + children, --resume after the driver
+is killed, and a PBT exploit that continues from the donor's checkpoint."""
 
 import json
 import os
@@ -8,84 +9,21 @@ import time
 from pathlib import Path
 
 import mlflow
-import pytest
 
-from helpers import VITLAB
+from tests.support import JOB, ROOT, TINY, VITLAB, store_overrides, tiny_job
 from vitlab.config import load_job
-from vitlab.errors import ConfigError
 from vitlab.tune.space import load_space
-
-ROOT = Path(__file__).resolve().parents[1]
-JOB = ROOT / "jobs" / "digits_vit.yaml"
 
 
 def tiny(tmp_path, digits_dir, *extra):
-    """Overrides of jobs/digits_vit.yaml for a trial of a few seconds an epoch."""
-    return [f"data.path={digits_dir}", "data.image_size=16", "model.kwargs.embed_dim=32", "model.kwargs.depth=1",
-            "model.kwargs.num_heads=2", "train.batch_size=64", "scaling.num_workers=1", "optim.warmup_epochs=0",
-            "tracking.system_metrics=false", f"run.storage_path={tmp_path / 'runs'}",
-            f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", "run.name=tiny", *extra]
+    """The tiny job's overrides for the command line, one worker per trial."""
+    return [*TINY, f"data.path={digits_dir}", *store_overrides(tmp_path, "tiny"), "scaling.num_workers=1", *extra]
 
 
 def write(tmp_path, text):
     p = tmp_path / "space.yaml"
     p.write_text(text)
     return p
-
-
-def test_shipped_spaces_parse():
-    for path in sorted((ROOT / "search_spaces").glob("*.yaml")):
-        spec = load_space(path)
-        assert spec.params and spec.metric == "val_top1"
-    pbt = load_space(ROOT / "search_spaces" / "digits_pbt.yaml")
-    assert pbt.scheduler["name"] == "pbt" and "optim.lr" in pbt.scheduler["hyperparam_mutations"]
-
-
-@pytest.mark.parametrize("text, message", [
-    ("params:\n  optim.lrr: {loguniform: [1.0e-4, 1.0e-2]}\n", r"optim\.lrr.*did you mean optim\.lr"),
-    ("params:\n  optim.lr: {logunifrm: [1.0e-4, 1.0e-2]}\n", r"unknown distribution 'logunifrm'.*loguniform"),
-    ("params:\n  optim.lr: {uniform: [1.0]}\n", r"uniform expects a list of 2 numbers"),
-    ("params:\n  optim.lr: {loguniform: [0.0, 1.0]}\n", r"positive bounds"),
-    ("params:\n  optim.lr: {uniform: [0.5, 0.1]}\n", r"low < high"),
-    ("params:\n  model.kwargs.depth: {choice: []}\n", r"non-empty list"),
-    ("scheduler: {name: asha2}\nparams:\n  optim.lr: {choice: [0.1]}\n", r"scheduler\.name.*asha"),
-    ("mode: up\nparams:\n  optim.lr: {choice: [0.1]}\n", r"mode: expected max or min"),
-    ("metrik: val_top1\nparams:\n  optim.lr: {choice: [0.1]}\n", r"unknown key 'metrik'.*metric"),
-    ("search: {name: random, include_bse: true}\nparams:\n  optim.lr: {choice: [0.1]}\n", r"search\.include_bse"),
-    ("search: {name: random, include_base: true}\nparams:\n  optim.lr: {grid: [0.1, 0.2]}\n", r"not with a grid"),
-    ("scheduler: {name: pbt, hyperparam_mutations: {optim.lrx: {uniform: [0.1, 0.2]}}}\n"
-     "params:\n  optim.lr: {choice: [0.1]}\n", r"optim\.lrx"),
-])
-def test_space_errors_name_the_key(tmp_path, text, message):
-    with pytest.raises(ConfigError, match=message):
-        load_space(write(tmp_path, text))
-
-
-def test_trial_values_are_checked_against_the_schema(tmp_path):
-    from vitlab.tune.sweep import check_trial_values
-
-    spec = load_space(write(tmp_path, "params:\n  train.epochs: {choice: [2, 'many']}\n"))
-    with pytest.raises(ConfigError, match=r"train\.epochs"):
-        check_trial_values(load_job(None), spec)
-
-
-def test_include_base_tries_the_job_values_first(tmp_path):
-    from vitlab.tune.sweep import _search_alg
-
-    spec = load_space(write(tmp_path, "search: {name: random, include_base: true}\nparams:\n"
-                                      "  optim.lr: {loguniform: [1.0e-4, 1.0e-2]}\n"
-                                      "  model.kwargs.depth: {choice: [2, 4]}\n"))
-    base = load_job(JOB)
-    alg = _search_alg(spec, base, concurrency=1)
-    assert alg._points_to_evaluate == [{"optim.lr": base.optim.lr, "model.kwargs.depth": base.model.kwargs["depth"]}]
-    assert alg.max_concurrent == 1  # Tune leaves a BasicVariantGenerator instance unlimited otherwise
-
-
-def test_cli_misspelt_key_exit_2(tmp_path):
-    space = write(tmp_path, "params:\n  optim.lrr: {loguniform: [1.0e-4, 1.0e-2]}\n")
-    proc = subprocess.run([VITLAB, "sweep", "jobs/digits_vit.yaml", str(space)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=60)
-    assert proc.returncode == 2 and "optim.lr" in proc.stderr and proc.stderr.count("\n") == 1
 
 
 def test_tiny_asha_sweep_with_mlflow_parent_and_children(ray_session, digits_dir, tmp_path):
@@ -100,7 +38,7 @@ scheduler: {name: asha, grace_period: 1, reduction_factor: 2}
 params:
   optim.lr: {grid: [3.0e-3, 4.0e-3, 1.0e-5, 2.0e-5]}
 """)
-    base = load_job(JOB, tiny(tmp_path, digits_dir, "train.epochs=4"))
+    base = tiny_job(tmp_path, digits_dir, "tiny", "scaling.num_workers=1", "train.epochs=4")
     spec = load_space(space)
     report = run_sweep(base, spec, str(space))
     trials = report["trials"]
@@ -218,7 +156,7 @@ scheduler:
 params:
   optim.lr: {grid: [1.0e-7, 3.0e-3]}
 """)
-    base = load_job(JOB, tiny(tmp_path, digits_dir, "train.epochs=3", "run.name=pbt"))
+    base = tiny_job(tmp_path, digits_dir, "pbt", "scaling.num_workers=1", "train.epochs=3")
     report = run_sweep(base, load_space(space), str(space))
     trials_dir = Path(report["sweep_dir"]) / "trials"
     exploited = sorted(trials_dir.glob("*_g*"))

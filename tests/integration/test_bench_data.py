@@ -1,19 +1,17 @@
 """`vitlab bench data` in quick mode: both sides run in one invocation and the ratio is theirs."""
 
 import json
-import subprocess
 
-from helpers import VITLAB
+from tests.support.cli import run_cli
 
 
-def test_bench_data_quick(tmp_path):
+def test_bench_data_quick(ray_session, tmp_path):
     src = tmp_path / "synth"
-    subprocess.run([VITLAB, "data", "synth", "--out", str(src), "--classes", "2", "--per-class", "8",
-                    "--size", "64x48"], check=True, capture_output=True, timeout=120)
+    made = run_cli("data", "synth", "--out", src, "--classes", "2", "--per-class", "8", "--size", "64x48")
+    assert made.returncode == 0, made.stderr
     out = tmp_path / "bench.json"
-    proc = subprocess.run([VITLAB, "bench", "data", str(src), "--image-size", "32", "--batch-size", "4",
-                           "--seconds", "2", "--max-side", "48", "--output-json", str(out)],
-                          capture_output=True, text=True, timeout=300)
+    proc = run_cli("bench", "data", src, "--image-size", "32", "--batch-size", "4", "--seconds", "2",
+                   "--max-side", "48", "--output-json", out)
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(out.read_text())
     for key in ("ray_data_images_per_s", "torch_dataloader_images_per_s", "ratio", "prepare_s", "settings"):

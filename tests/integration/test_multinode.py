@@ -2,7 +2,7 @@
 per node, a sweep's concurrent trials on different nodes, and a training that loses a node after a checkpoint,
 restores from it when a new node joins, and finishes with every epoch in MLflow exactly once.
 
-The scenarios run in one child process (tests/multinode_scenarios.py): a Cluster needs a ray.init of its own,
+The scenarios run in one child process (tests/support/multinode_scenarios.py): a Cluster needs a ray.init of its own,
 and this pytest process already holds the session's Ray. Each scenario prints a RESULT line checked here."""
 
 from __future__ import annotations
@@ -17,10 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from raycluster import free_ports, kill_under, short_temp_dir
-
-ROOT = Path(__file__).resolve().parents[1]
-PYTHON = str(ROOT / ".venv" / "bin" / "python")
+from tests.support import ROOT
+from tests.support.raycluster import free_ports, kill_under, short_temp_dir
+from vitlab.cluster import LOOPBACK_ENV
 
 
 @pytest.fixture(scope="module")
@@ -29,13 +28,13 @@ def scenarios(tmp_path_factory):
     temp_dir = short_temp_dir("vrm")
     dashboard, agent, gcs = free_ports(3)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_", "VITLAB_"))}
-    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32), RAY_USAGE_STATS_ENABLED="0",
-               RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0", VITLAB_TEST_RAY_TEMP_DIR=temp_dir,
-               VITLAB_TEST_DASHBOARD_PORT=str(dashboard), VITLAB_TEST_AGENT_PORT=str(agent),
-               VITLAB_TEST_GCS_PORT=str(gcs), PYTHONUNBUFFERED="1")
+    env.update({LOOPBACK_ENV: "0"}, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32),
+               RAY_USAGE_STATS_ENABLED="0", RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0",
+               VITLAB_TEST_RAY_TEMP_DIR=temp_dir, VITLAB_TEST_DASHBOARD_PORT=str(dashboard),
+               VITLAB_TEST_AGENT_PORT=str(agent), VITLAB_TEST_GCS_PORT=str(gcs), PYTHONUNBUFFERED="1")
     log = tmp / "scenarios.log"
     with log.open("w") as out:
-        proc = subprocess.Popen([PYTHON, str(ROOT / "tests" / "multinode_scenarios.py"), str(tmp)], cwd=ROOT,
+        proc = subprocess.Popen([sys.executable, "-m", "tests.support.multinode_scenarios", str(tmp)], cwd=ROOT,
                                 env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             proc.wait(timeout=720)

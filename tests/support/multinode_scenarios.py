@@ -1,4 +1,4 @@
-"""Multi-node scenarios on one machine, run by tests/test_multinode.py in a process of their own.
+"""Multi-node scenarios on one machine, run by tests/integration/test_multinode.py in a process of their own.
 
 A `ray.cluster_utils.Cluster` (a head with no CPUs, like cluster.yaml's, and two worker nodes of 2 CPUs each,
 token authentication on) hosts, in order:
@@ -12,7 +12,7 @@ token authentication on) hosts, in order:
 It prints one line `RESULT {json}` per scenario (node ids, MLflow epoch lists) for the test to check. A Cluster
 needs its own ray.init in its own process, which the pytest process (with the session's Ray) cannot give it.
 
-    python tests/multinode_scenarios.py OUT_DIR [spread sweep node_loss]
+    python -m tests.support.multinode_scenarios OUT_DIR [spread sweep node_loss]    (from the repository root)
 """
 
 from __future__ import annotations
@@ -24,10 +24,8 @@ import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-JOB = ROOT / "jobs" / "digits_vit.yaml"
-TINY = ["data.image_size=16", "model.kwargs.embed_dim=32", "model.kwargs.depth=1", "model.kwargs.num_heads=2",
-        "train.batch_size=64", "optim.warmup_epochs=0", "tracking.system_metrics=false", "data.decode_cpus=0.5"]
+from tests.support import tiny_job
+
 NODE_CPUS = 2
 
 
@@ -72,10 +70,7 @@ class ActorWatch:
 
 
 def job(tmp: Path, data: str, name: str, *extra: str):
-    from vitlab.config import load_job
-
-    return load_job(JOB, [*TINY, f"data.path={data}", f"run.name={name}", f"run.storage_path={tmp / 'runs'}",
-                          f"tracking.uri=sqlite:///{tmp / 'mlflow.db'}", *extra])
+    return tiny_job(tmp, data, name, "data.decode_cpus=0.5", *extra)
 
 
 def epochs_in_mlflow(uri: str, run_id: str, key: str = "val_top1") -> list[int]:
@@ -89,7 +84,7 @@ def worker_node_ids(cluster) -> list[str]:
 
 
 def scenario_spread(cluster, tmp: Path, data: str) -> None:
-    from vitlab.train.trainer import train
+    from vitlab.train.run import train
 
     cfg = job(tmp, data, "spread", "train.epochs=2", "scaling.num_workers=2", "scaling.cpus_per_worker=0.5",
               "scaling.placement_strategy=STRICT_SPREAD")
@@ -119,7 +114,7 @@ def scenario_sweep(cluster, tmp: Path, data: str) -> None:
 def scenario_node_loss(cluster, tmp: Path, data: str) -> None:
     import mlflow
 
-    from vitlab.train.trainer import train
+    from vitlab.train.run import train
 
     epochs = 4
     # Checkpoints through a URI (pyarrow's filesystem, as for s3:// on a cluster), not a local path.

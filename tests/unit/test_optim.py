@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import jpeg_bytes
+from tests.support.data import jpeg_bytes
 from vitlab.config import OptimConfig
 from vitlab.data.transforms import build_randaugment, decode_train, row_rng
 from vitlab.model import create_model

@@ -7,16 +7,15 @@ import copy
 import re
 import shlex
 import sys
-from pathlib import Path
 
 import pytest
 import ray
 import yaml
 
+from tests.support import ROOT
 from vitlab.cli import build_parser
-from vitlab.jobs import check_command
+from vitlab.commands import check_submitted
 
-ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "cluster.yaml"
 SHELL_OPERATORS = {">", ">>", "|", "||", "&&", ";", "&", "2>&1"}
 
@@ -157,7 +156,7 @@ def test_every_vitlab_command_exists(raw):
             assert e.code == 0 and argv == ["--help"], f"`vitlab {shlex.join(argv)}` does not parse"
             continue
         if args.command == "submit":
-            check_command(args.vitlab_args, ROOT)  # the job it submits parses too, and its config validates
+            check_submitted(parser, args.vitlab_args, ROOT)  # the job it submits parses too, and its config validates
     commands = {name: sub for action in parser._subparsers._group_actions for name, sub in action.choices.items()}
     for argv in mentions:
         sub = commands.get(argv[0])

@@ -1,8 +1,8 @@
-import subprocess
-
 import pytest
+import yaml
 
-from helpers import VITLAB
+from tests.support import JOB
+from tests.support.cli import assert_one_line_error, run_cli
 from vitlab.config import JobConfig, load_job
 from vitlab.errors import ConfigError
 
@@ -53,12 +53,25 @@ def test_missing_file_and_bad_yaml(tmp_path):
 
 def test_round_trip_yaml():
     cfg = load_job(None, ["optim.lr=0.01", "model.kwargs.depth=3"])
-    again = JobConfig.model_validate(__import__("yaml").safe_load(cfg.to_yaml()))
-    assert again == cfg
+    assert JobConfig.model_validate(yaml.safe_load(cfg.to_yaml())) == cfg
+    assert JobConfig.from_yaml(cfg.to_yaml(), "again.yaml") == cfg  # the one loader reads what it writes
+
+
+def test_from_yaml_names_its_source_and_takes_overrides():
+    text = "optim: {lr: 1.0e-3}\n"
+    assert JobConfig.from_yaml(text, "x", ["optim.lr=3e-4"]).optim.lr == pytest.approx(3e-4)
+    with pytest.raises(ConfigError, match=r"^ckpt/config\.yaml: optim\.lr"):
+        JobConfig.from_yaml("optim: {lr: -1}\n", "ckpt/config.yaml")
+    with pytest.raises(ConfigError, match=r"^a\.yaml: expected a mapping of sections"):
+        JobConfig.from_yaml("- 1\n- 2\n", "a.yaml")
+
+
+def test_non_utf8_job_file_is_one_line(tmp_path):
+    bad = tmp_path / "latin1.yaml"
+    bad.write_bytes("train: {epochs: 2}  # caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match="latin1.yaml: not UTF-8"):
+        load_job(bad)
 
 
 def test_cli_config_error_is_one_line_exit_2():
-    proc = subprocess.run([VITLAB, "train", "jobs/digits_vit.yaml", "optim.lrr=1"], capture_output=True, text=True,
-                          cwd=str(__import__("pathlib").Path(__file__).resolve().parents[1]))
-    assert proc.returncode == 2
-    assert proc.stderr.strip().count("\n") == 0 and "optim.lr" in proc.stderr and "Traceback" not in proc.stderr
+    assert_one_line_error(run_cli("train", JOB, "optim.lrr=1"), "did you mean optim.lr")

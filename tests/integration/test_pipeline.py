@@ -1,12 +1,11 @@
 """The Ray Data input pipeline: shapes, dtypes, value ranges, exact row counts, seeded augmentation."""
 
-import numpy as np
 import pytest
 import torch
 
 from vitlab.config import DataConfig
 from vitlab.data.manifest import load_manifest
-from vitlab.data.pipeline import normalize_on_device, train_dataset, val_dataset
+from vitlab.data.pipeline import train_dataset, val_dataset
 
 
 @pytest.fixture(scope="module")
@@ -43,27 +42,3 @@ def test_train_augmentation_seeded_by_seed_and_epoch(manifest):
     assert not torch.equal(l0, l1)  # order reshuffled per epoch
     assert sorted(l0.tolist()) == sorted(l1.tolist())  # but every image once
     assert not torch.equal(a0, c0)  # another seed: other crops
-
-
-def test_each_image_crop_depends_on_seed_epoch_and_key(digits_dir):
-    import pyarrow.parquet as pq
-
-    from vitlab.data.transforms import decode_train, row_rng
-
-    jpeg = pq.read_table(load_manifest(digits_dir).files("train")[0]).column("image")[0].as_py()
-
-    def crop(seed, epoch, key):
-        return decode_train(jpeg, 16, row_rng(seed, epoch, key), scale=(0.08, 1.0))
-
-    assert np.array_equal(crop(1, 0, "k"), crop(1, 0, "k"))
-    assert not np.array_equal(crop(1, 0, "k"), crop(1, 1, "k"))
-    assert not np.array_equal(crop(1, 0, "k"), crop(1, 0, "other"))
-
-
-def test_normalize_on_device():
-    x = torch.full((2, 4, 4, 3), 255, dtype=torch.uint8)
-    y = normalize_on_device(x, (0.5, 0.5, 0.5), (0.25, 0.5, 1.0), torch.device("cpu"))
-    assert y.shape == (2, 3, 4, 4) and y.dtype == torch.float32
-    assert torch.allclose(y[:, 0], torch.tensor(2.0)) and torch.allclose(y[:, 2], torch.tensor(0.5))
-    z = normalize_on_device(x, (0.5,) * 3, (0.5,) * 3, torch.device("cpu"), channels_last=True)
-    assert z.is_contiguous(memory_format=torch.channels_last)

@@ -1,0 +1,56 @@
+"""Ray Train callbacks: they run in the Train controller and see every ``ray.train.report`` of rank 0 after
+its checkpoint is registered, before anything else hears of it (a sweep's scheduler, which may stop the
+trial at once).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import mlflow
+from ray.train.v2.api.callback import UserCallback
+
+from vitlab import tracking
+
+EPOCH_PROBE = "val_top1"  # every epoch report carries it; its history says which epochs a run already has
+NOT_LOGGED = ("epoch", "step")  # the step of every metric, not metrics of their own
+
+
+class EpochMetricsCallback(UserCallback):
+    """Rank 0's epoch metrics -> the MLflow run, each epoch exactly once.
+
+    Epochs reported without a checkpoint wait until one covers them (a failure before that sends training
+    back, and the epoch is trained again); epochs the run already holds are skipped (a resumed run).
+    """
+
+    def __init__(self, uri: str, run_id: str):
+        self.uri, self.run_id = uri, run_id
+        self.pending: list[tuple[int, dict[str, float]]] = []
+
+    def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
+        rank0 = metrics[0]
+        self.pending.append((int(rank0["epoch"]), {k: float(v) for k, v in rank0.items()
+                                                  if k not in NOT_LOGGED and isinstance(v, (int, float))}))
+        if checkpoint is not None:
+            self.flush()
+
+    def after_exception(self, run_context, worker_exceptions) -> None:
+        self.pending.clear()  # training goes back to the last checkpoint: these epochs are redone
+
+    def flush(self) -> None:
+        client = mlflow.MlflowClient(tracking_uri=self.uri)
+        have = {m.step for m in client.get_metric_history(self.run_id, EPOCH_PROBE)}
+        items = [(k, v, epoch) for epoch, values in self.pending if epoch not in have for k, v in values.items()]
+        tracking.log_metrics(client, self.run_id, items)
+        self.pending.clear()
+
+
+class ForwardToQueue(UserCallback):
+    """Puts (rank 0's metrics, checkpoint path or None) of every report on a Ray queue: how a sweep's trial
+    function hears of its Train run's epochs."""
+
+    def __init__(self, queue):
+        self.queue = queue
+
+    def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
+        self.queue.put((dict(metrics[0]), checkpoint.path if checkpoint else None))

@@ -1,0 +1,28 @@
+"""One real local Ray for the integration tier, and the digits shards prepared once."""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    import ray
+    from ray.data import DataContext
+
+    from vitlab.cluster import start_local
+
+    if not ray.is_initialized():
+        start_local(num_cpus=2)
+    DataContext.get_current().enable_progress_bars = False
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def digits_dir(ray_session, tmp_path_factory) -> str:
+    from vitlab.data.prepare import prepare
+
+    out = tmp_path_factory.mktemp("digits") / "shards"
+    prepare("digits", str(out))
+    return str(out)

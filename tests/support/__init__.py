@@ -1,0 +1,28 @@
+"""What both test tiers share: paths, the one tiny job, small real datasets, a CLI runner, real Ray clusters."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from vitlab.config import JobConfig, load_job
+
+ROOT = Path(__file__).resolve().parents[2]
+JOB = ROOT / "jobs" / "digits_vit.yaml"
+BIN = Path(sys.executable).parent  # the virtualenv running the tests
+VITLAB = str(BIN / "vitlab")
+
+# The one tiny model: jobs/digits_vit.yaml shrunk to 16-px images and a one-block ViT, seconds per epoch.
+TINY = ["data.image_size=16", "data.scale=[0.8, 1.0]", "model.kwargs.patch_size=4", "model.kwargs.embed_dim=32",
+        "model.kwargs.depth=1", "model.kwargs.num_heads=2", "train.batch_size=64", "optim.lr=2e-3",
+        "optim.warmup_epochs=0", "optim.label_smoothing=0.0", "tracking.system_metrics=false"]
+
+
+def store_overrides(store: Path, name: str) -> list[str]:
+    """Run name, checkpoints and the MLflow sqlite store of a test run, all under ``store``."""
+    return [f"run.name={name}", f"run.storage_path={store / 'runs'}", f"tracking.uri=sqlite:///{store / 'mlflow.db'}"]
+
+
+def tiny_job(store: Path, data: str, name: str, *overrides: str) -> JobConfig:
+    """jobs/digits_vit.yaml with the tiny model on ``data``, its outputs under ``store``; ``overrides`` last."""
+    return load_job(JOB, [*TINY, f"data.path={data}", *store_overrides(store, name), *overrides])

@@ -1,0 +1,24 @@
+"""The unit tier is pure: a test here that starts a process or a Ray runtime fails."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import mlflow  # noqa: F401
+import pytest
+import torch  # noqa: F401
+
+# Importing torch (ldconfig, looking for CUDA) and mlflow (`uname -p`) runs a process once: import them here,
+# before the guard below, so that a library's import is not taken for a test starting a process.
+
+
+@pytest.fixture(autouse=True)
+def no_processes_no_ray(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"the unit tier starts no processes (tried: {args[0] if args else kwargs})")
+
+    monkeypatch.setattr(subprocess.Popen, "__init__", refuse)
+    yield
+    ray = sys.modules.get("ray")
+    assert ray is None or not ray.is_initialized(), "the unit tier starts no Ray (move this test to integration)"

@@ -1,0 +1,35 @@
+"""train/storage: one path helper for local paths and URIs (file:// here; s3:// goes the same way)."""
+
+import torch
+
+from vitlab.config import load_job
+from vitlab.train import storage
+
+
+def test_paths_and_uris_read_and_write_the_same(tmp_path):
+    for location in (str(tmp_path / "a" / "x.txt"), (tmp_path / "b" / "x.txt").as_uri()):
+        assert not storage.exists(location)
+        storage.write_text(location, "hello")
+        assert storage.exists(location) and storage.read_bytes(location) == b"hello"
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["x.txt"]  # no temporary file left
+    assert storage.list_names(str(tmp_path / "b")) == ["x.txt"] and storage.list_names(str(tmp_path / "c")) == []
+
+
+def test_save_torch_answers_where_it_went(tmp_path):
+    uri = (tmp_path / "run" / "best_model.pt").as_uri()
+    assert storage.save_torch({"w": torch.ones(2)}, uri) == uri  # a URI stays a URI
+    assert torch.load(tmp_path / "run" / "best_model.pt")["w"].tolist() == [1.0, 1.0]
+    local = storage.save_torch({"w": torch.zeros(1)}, str(tmp_path / "best_model.pt"))
+    assert local == str(tmp_path / "best_model.pt")
+
+
+def test_run_dirs_follow_the_storage_env(tmp_path, monkeypatch):
+    cfg = load_job(None, ["run.name=x", "run.storage_path=runs"])
+    monkeypatch.delenv(storage.STORAGE_ENV, raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert storage.run_dir(cfg) == str(tmp_path / "runs" / "x")
+    monkeypatch.setenv(storage.STORAGE_ENV, "s3://bucket/vitlab/")
+    assert storage.run_dir(cfg) == "s3://bucket/vitlab/runs/x"  # a relative storage path goes under it
+    assert storage.run_dir(cfg.with_overrides({"run.storage_path": "/abs"})) == "/abs/x"
+    (tmp_path / "runs" / "x" / "checkpoint_000001").mkdir(parents=True)
+    assert storage.has_checkpoints(str(tmp_path / "runs" / "x")) and not storage.has_checkpoints(str(tmp_path))
