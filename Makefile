@@ -29,7 +29,7 @@ lint: install
 
 # Every test: the unit tier (pure) and the integration tier (real Ray, MLflow, clusters). CI runs this.
 test: lint
-	$(VENV)/bin/pytest -q tests
+	$(VENV)/bin/pytest -q tests/unit tests/integration
 
 # The unit tier alone: no Ray runtime, no processes; under a minute here.
 test-fast: lint
