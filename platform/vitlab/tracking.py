@@ -217,8 +217,18 @@ def log_torch_model(uri: str, run_id: str, model, input_example) -> str:
 
     mlflow.set_tracking_uri(uri)
     with mlflow.start_run(run_id=run_id, log_system_metrics=False):
-        info = mlflow.pytorch.log_model(model, name="model", input_example=input_example)
+        info = mlflow.pytorch.log_model(
+            model, name="model", input_example=input_example,
+            # given, so MLflow does not load the model in a subprocess to infer them (about 13 s a run here,
+            # and the inferred list lacks timm, which unpickling the model needs)
+            pip_requirements=[*mlflow.pytorch.get_default_pip_requirements(), *pinned("timm", "numpy")],
+        )
     return getattr(info, "model_uri", f"runs:/{run_id}/model")
+
+
+def pinned(*names: str) -> list[str]:
+    """``name==version`` of each installed package: a logged model's requirements."""
+    return [f"{name}=={importlib.metadata.version(name)}" for name in names]
 
 
 def quiet_mlflow() -> None:
@@ -240,7 +250,7 @@ def log_onnx_model(uri: str | None, run_id: str, onnx_path: Path, classes_json: 
         info = mlflow.onnx.log_model(
             onnx.load(str(onnx_path)), name="onnx", save_as_external_data=False, extra_files=[str(classes_json)],
             # given, so MLflow does not load the model in a subprocess to infer them
-            pip_requirements=[f"{name}=={importlib.metadata.version(name)}" for name in ("onnx", "onnxruntime")],
+            pip_requirements=pinned("onnx", "onnxruntime"),
         )
         mlflow.log_metric("onnx_parity_max_abs_diff", parity["max"])
     # start_run(run_id) ends the run FINISHED: keep the status training left it in
