@@ -71,10 +71,10 @@ def test_cluster_has_three_nodes_and_token_auth(scenarios):
 
 @pytest.mark.timeout(900)
 def test_two_workers_one_per_node(scenarios):
-    r = _get(scenarios, "spread")
+    r = _get(scenarios, "spread")  # node_loss's training before the loss
     assert len(r["worker_nodes"]) == 2 and len(set(r["worker_nodes"])) == 2, r  # STRICT_SPREAD: 2 nodes
     assert set(r["worker_nodes"]) == set(r["cluster_workers"]) and r["head"] not in r["worker_nodes"]
-    assert r["epochs"] == [1, 2]
+    assert r["epochs"] and r["epochs"][0] == 1, r  # the first epoch trained and logged on that group
 
 
 @pytest.mark.timeout(900)

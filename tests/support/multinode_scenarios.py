@@ -3,16 +3,16 @@
 A `ray.cluster_utils.Cluster` (a head with no CPUs, like cluster.yaml's, and two worker nodes of 2 CPUs each,
 token authentication on) hosts, in order:
 
-  spread      a 2-worker training with scaling.placement_strategy=STRICT_SPREAD: one worker per node;
   sweep       a 2-trial sweep whose trials (1 worker of 1.5 CPUs + 0.5 for decoding) can only fit one per node;
-  node_loss   a 2-worker STRICT_SPREAD training that loses a node (all its processes killed) after its first
+  node_loss   a 2-worker training with scaling.placement_strategy=STRICT_SPREAD (one worker per node until the
+              loss: the `spread` result) that loses a node (all its processes killed) after its first
               checkpoint; a new node joins a few seconds later and the run must restore and finish. Its
               checkpoints go through a file:// URI, the code path of s3:// storage on a real cluster.
 
 It prints one line `RESULT {json}` per scenario (node ids, MLflow epoch lists) for the test to check. A Cluster
 needs its own ray.init in its own process, which the pytest process (with the session's Ray) cannot give it.
 
-    python -m tests.support.multinode_scenarios OUT_DIR [spread sweep node_loss]    (from the repository root)
+    python -m tests.support.multinode_scenarios OUT_DIR [sweep node_loss]    (from the repository root)
 """
 
 from __future__ import annotations
@@ -83,18 +83,6 @@ def worker_node_ids(cluster) -> list[str]:
     return [n.node_id for n in cluster.worker_nodes]
 
 
-def scenario_spread(cluster, tmp: Path, data: str) -> None:
-    from vitlab.train.run import train
-
-    cfg = job(tmp, data, "spread", "train.epochs=2", "scaling.num_workers=2", "scaling.cpus_per_worker=0.5",
-              "scaling.placement_strategy=STRICT_SPREAD")
-    with ActorWatch() as watch:
-        outcome = train(cfg, log_model=False)
-    result("spread", worker_nodes=sorted(watch.seen.values()), together=watch.together[:3],
-           cluster_workers=sorted(worker_node_ids(cluster)), head=cluster.head_node.node_id,
-           epochs=epochs_in_mlflow(outcome.tracking_uri, outcome.mlflow_run_id), val_top1=outcome.val_top1)
-
-
 def scenario_sweep(cluster, tmp: Path, data: str) -> None:
     from vitlab.tune.space import load_space
     from vitlab.tune.sweep import auto_concurrency, run_sweep
@@ -143,6 +131,9 @@ def scenario_node_loss(cluster, tmp: Path, data: str) -> None:
                 filter_string="attributes.run_name = 'lossy'") if Path(uri[len("sqlite:///"):]).exists() else []
             logged = epochs_in_mlflow(uri, runs[0].info.run_id) if runs else []
             time.sleep(0.5)
+        # Before the loss: where the first worker group ran, against the cluster's worker nodes at that time.
+        result("spread", worker_nodes=sorted(watch.together[0]) if watch.together else [],
+               cluster_workers=sorted(worker_node_ids(cluster)), head=cluster.head_node.node_id, epochs=logged)
         victim = sorted(cluster.worker_nodes, key=lambda n: n.node_id)[0]
         removed_at = time.time()
         cluster.remove_node(victim, allow_graceful=False)
@@ -185,7 +176,7 @@ def _http_status(url: str) -> int:
         return e.code
 
 
-SCENARIOS = {"spread": scenario_spread, "sweep": scenario_sweep, "node_loss": scenario_node_loss}
+SCENARIOS = {"sweep": scenario_sweep, "node_loss": scenario_node_loss}
 
 
 def main() -> int:
