@@ -1,6 +1,8 @@
 """Bad input through the real CLI entry point (cli.main), in this process: one line on stderr naming the
 file or key, exit code 2, nothing written. Each of these fails before a Ray runtime or a model is needed."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -90,3 +92,24 @@ def test_model_paths_that_are_not_models(tmp_path):
     ran = run_cli("export", tmp_path, "--out", tmp_path / "o", "--quantize", "int4")
     assert ran.returncode == 2 and "invalid choice: 'int4'" in ran.stderr
     assert not (tmp_path / "o").exists()
+
+
+class _Touches:
+    """Unpickled by a code-running loader, this creates the file: the proof that the loader ran code."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (self.path,))
+
+
+def test_a_checkpoint_that_carries_code_runs_none(tmp_path):
+    import torch
+
+    ckpt = tmp_path / "checkpoint_000001"
+    ckpt.mkdir()
+    proof = tmp_path / "code-ran"
+    torch.save({"model": _Touches(proof), "epoch": 1}, ckpt / "state.pt")
+    assert_one_line_error(run_cli("export", ckpt / "state.pt", "--out", tmp_path / "o"), "not a PyTorch model file")
+    assert not proof.exists() and not (tmp_path / "o").exists()

@@ -160,7 +160,7 @@ def _from_torch_file(path: Path, source: str) -> ModelBundle:
 
     try:
         if path.name == state.STATE_FILE:
-            obj = state.load_state(path.parent)  # holds RNG states: not a weights-only file
+            obj = state.load_state(path.parent)  # weights-only, with numpy allowed for the RNG states
         else:
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:

@@ -85,9 +85,13 @@ def write_checkpoint_dir(
 
 
 def load_state(checkpoint_dir: str | Path) -> dict[str, Any]:
+    """state.pt through torch's weights-only unpickler: a crafted checkpoint can carry data, never code. numpy's
+    RNG state is the one non-tensor in it: its array type is allowed, nothing else is."""
     import torch
 
-    return torch.load(Path(checkpoint_dir) / STATE_FILE, map_location="cpu", weights_only=False)
+    with torch.serialization.safe_globals([np.ndarray, np.dtype, np.dtype(np.uint32).__class__,
+                                           np._core.multiarray._reconstruct]):
+        return torch.load(Path(checkpoint_dir) / STATE_FILE, map_location="cpu", weights_only=True)
 
 
 def load_metrics(checkpoint_dir: str | Path) -> dict[str, Any] | None:
