@@ -18,6 +18,7 @@ from vitlab.data.sources import READERS
 from vitlab.deploy import onnx
 from vitlab.deploy.runtimes import RUNTIMES
 from vitlab.errors import UserError
+from vitlab.redact import RedactFilter, redact
 
 log = logging.getLogger("vitlab")
 
@@ -38,8 +39,25 @@ MODEL_HELP = ("best_model.pt or a checkpoint directory from 'vitlab train', or a
               "(runs:/<id>/model, models:/<name>@<alias>)")
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, with dotted key=value overrides taken wherever they stand: after the positionals argparse ends
+    a nargs='*' list at the first option, so `sweep JOB SPACE --num-samples 8 optim.lr=1e-3` would be refused."""
+
+    def parse_args(self, args=None, namespace=None):  # type: ignore[override]
+        parsed, extra = self.parse_known_args(args, namespace)
+        if extra and isinstance(getattr(parsed, "overrides", None), list) and all(_is_override(a) for a in extra):
+            parsed.overrides = [*parsed.overrides, *extra]
+        elif extra:
+            self.error(f"unrecognized arguments: {' '.join(extra)}")
+        return parsed
+
+
+def _is_override(arg: str) -> bool:
+    return "=" in arg and not arg.startswith("-")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="vitlab", description="Train vision transformers at scale on Ray.")
+    p = Parser(prog="vitlab", description="Train vision transformers at scale on Ray.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -102,6 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("--no-wait", action="store_true", help="print the job id and return at once")
     sm.add_argument("--working-dir", default=".", help="uploaded as the job's working directory, without data, "
                     "runs, MLflow stores, .venv, .git (default: .)")
+    sm.add_argument("--include", action="append", metavar="PATH", help="upload this secret-looking file or "
+                    "folder of the working dir after all (.env, *.pem, .aws/, ...: left out by default; repeatable)")
     sm.add_argument("--tracking-uri", help="MLFLOW_TRACKING_URI of the job (default: the cluster's own)")
     sm.add_argument("--storage-path", help="VITLAB_STORAGE_PATH of the job: where relative run.storage_path "
                     "values go, e.g. s3://bucket/vitlab (default: the cluster's own)")
@@ -131,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex = sub.add_parser("export", help="a trained model -> DIR/model.onnx + classes.json, checked against torch")
     ex.add_argument("model", metavar="MODEL", help=MODEL_HELP)
     ex.add_argument("--out", required=True, help="output directory")
+    ex.add_argument("--overwrite", action="store_true", help="replace an earlier export in --out (whole)")
     ex.add_argument("--opset", type=int, default=onnx.DEFAULT_OPSET,
                     help=f"ONNX opset ({onnx.MIN_OPSET}-{onnx.MAX_OPSET}, default {onnx.DEFAULT_OPSET})")
     ex.add_argument("--atol", type=float, default=onnx.PARITY_ATOL,
@@ -223,12 +244,15 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, RedactFilter) for f in handler.filters):
+            handler.addFilter(RedactFilter())
     func: Callable[[argparse.Namespace], Any] = args.func
     try:
         _validate_common(args)
         func(args)
     except UserError as e:
-        print(f"vitlab: error: {e}", file=sys.stderr)
+        print(f"vitlab: error: {redact(str(e))}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("vitlab: interrupted", file=sys.stderr)

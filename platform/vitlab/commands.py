@@ -22,6 +22,7 @@ from vitlab.data import prepare, synth
 from vitlab.deploy import onnx, predict
 from vitlab.deploy.bundle import load_bundle
 from vitlab.errors import UserError
+from vitlab.redact import redact
 from vitlab.train import storage
 from vitlab.train.preflight import preflight
 from vitlab.tune.space import load_space
@@ -101,7 +102,7 @@ def cmd_ui(args: argparse.Namespace) -> None:
     artifacts = tracking.default_artifact_location(uri)
     if artifacts:
         cmd += ["--default-artifact-root", artifacts]
-    print(f"MLflow UI for {uri}: http://{args.host}:{args.port}  (Ctrl-C to stop)", flush=True)
+    print(f"MLflow UI for {redact(uri)}: http://{args.host}:{args.port}  (Ctrl-C to stop)", flush=True)
     os.execv(sys.executable, cmd)
 
 
@@ -130,7 +131,7 @@ def cmd_submit(args: argparse.Namespace) -> None:
 
     code = submit(argv, address=args.address, working_dir=args.working_dir, wait=not args.no_wait,
                   tracking_uri=args.tracking_uri, storage_path=args.storage_path, env=parse_env(args.env),
-                  python=args.python)
+                  python=args.python, include=tuple(args.include or ()))
     if code:
         raise SystemExit(code)
 
@@ -165,7 +166,7 @@ def cmd_export(args: argparse.Namespace) -> None:
     bundle = load_bundle(args.model, args.tracking_uri)
     try:
         report = onnx.export(bundle, args.out, opset=args.opset, atol=args.atol, quantize=args.quantize,
-                             int8_min_agreement=args.int8_min_agreement)
+                             int8_min_agreement=args.int8_min_agreement, overwrite=args.overwrite)
     except onnx.ExportCheckError as e:
         print(f"vitlab: export: {e}", file=sys.stderr)
         raise SystemExit(1) from None

@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from vitlab.errors import ConfigError
+from vitlab.names import RULE, is_safe_name
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -117,6 +118,14 @@ class RunSection(Section):
     checkpoint_every: int = Field(1, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
     max_failures: int = Field(0, ge=-1)
+
+    @field_validator("name")
+    @classmethod
+    def _one_component(cls, v: str | None) -> str | None:
+        # run.name is a folder under storage_path: '../x' must not write outside it
+        if v is not None and not is_safe_name(v):
+            raise ValueError(f"bad name ({RULE})")
+        return v
 
 
 class JobConfig(Section):

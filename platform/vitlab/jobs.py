@@ -3,8 +3,8 @@
 ``vitlab submit -- train jobs/x.yaml optim.lr=3e-4`` runs ``python -m vitlab.cli train jobs/x.yaml ...`` as a
 Ray job. What travels with it (the runtime environment):
 
-* ``working_dir``: a filtered copy of the local working directory (the repo without data, runs, MLflow
-  stores, virtualenvs, .git), so job and search-space files resolve as they do locally;
+* ``working_dir``: a filtered copy of the local working directory (vitlab.upload: the repo without data,
+  runs, MLflow stores, virtualenvs, .git and secrets), so job and search-space files resolve as they do locally;
 * ``py_modules``: the vitlab package that is running this command, so the job driver and every Train worker,
   Tune trial and Ray Data task import the code you submitted, not an older copy installed on the nodes;
 * ``env_vars``: tracking settings (``--tracking-uri`` -> MLFLOW_TRACKING_URI, ``--storage-path`` ->
@@ -25,7 +25,6 @@ import logging
 import os
 import secrets
 import shlex
-import shutil
 import sys
 import tempfile
 import time
@@ -38,24 +37,17 @@ from typing import Any
 from ray.exceptions import AuthenticationError
 from ray.job_submission import JobSubmissionClient
 
-import vitlab
 from vitlab.errors import UserError
+from vitlab.redact import redact
 from vitlab.tracking import git_info
 from vitlab.train.storage import STORAGE_ENV
+from vitlab.upload import stage
 
 log = logging.getLogger(__name__)
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"  # the head's dashboard, locally or through `ray dashboard cluster.yaml`
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
-# Ray refuses runtime-env packages above 512 MiB (its gRPC limit) and uploads them through the head's GCS;
-# a working directory is code and configs, so anything near this size is data that belongs in S3.
-MAX_WORKING_DIR_BYTES = 100 * 1024**2
-# Not uploaded: top-level entries of the working directory ...
-TOP_LEVEL_EXCLUDES = {".git", ".venv", "venv", "data", "runs", "mlruns", "mlartifacts", "mlflow.db",
-                      ".pytest_cache", ".ruff_cache", ".mypy_cache", "build", "dist"}
-# ... and names at any depth (the package's own `vitlab/data` subpackage must stay, hence two lists).
-ANY_LEVEL_EXCLUDES = {"__pycache__", ".DS_Store", ".ipynb_checkpoints"}
-ANY_LEVEL_SUFFIXES = (".pyc", ".egg-info", ".db", ".tmp")
+UNREACHABLE_GRACE_S = 60.0  # how long a follower waits for a head that stopped answering (a restart)
 TOKEN_HELP = ("set RAY_AUTH_TOKEN, or RAY_AUTH_TOKEN_PATH to a file holding it, or copy the head node's "
               "~/.ray/auth_token here (`ray get-auth-token` on the head prints it)")
 
@@ -126,6 +118,10 @@ def _auth_error(address: str, token: Token | None, e: Exception) -> UserError:
                      f"cluster's token; {TOKEN_HELP}")
 
 
+class ClusterUnreachable(UserError):
+    """The job API stopped answering (the head went away, a tunnel closed)."""
+
+
 class Jobs:
     """A JobSubmissionClient with vitlab's address and token rules and one-line errors."""
 
@@ -143,11 +139,15 @@ class Jobs:
                             "open a tunnel with `ray dashboard cluster.yaml`, or pass --address)") from None
 
     def call(self, method: str, *args, **kwargs):
-        """One SDK call, with auth and unknown-job errors turned into UserError."""
+        """One SDK call, with auth, unknown-job and connection errors turned into UserError."""
         try:
             return getattr(self.client, method)(*args, **kwargs)
         except AuthenticationError as e:
             raise _auth_error(self.address, self.token, e) from None
+        except OSError as e:  # requests' ConnectionError and timeouts are OSErrors
+            raise ClusterUnreachable(f"the Ray cluster at {self.address} stopped answering ({type(e).__name__}); "
+                                     "the job's state is unknown: check it with `vitlab jobs status` when the "
+                                     "cluster is back") from None
         except RuntimeError as e:
             if "status code 404" in str(e) or "does not exist" in str(e):
                 job = args[0] if args else kwargs.get("job_id", "")
@@ -157,93 +157,6 @@ class Jobs:
 
     def dashboard_url(self, job_id: str) -> str:
         return f"{self.address}/#/jobs/{job_id}"
-
-
-# ---------------------------------------------------------------------------------------------------------
-# What travels with a job
-
-
-def _excluded(rel: Path) -> bool:
-    name = rel.name
-    if len(rel.parts) == 1 and name in TOP_LEVEL_EXCLUDES:
-        return True
-    return name in ANY_LEVEL_EXCLUDES or name.endswith(ANY_LEVEL_SUFFIXES)
-
-
-def _ignore_spec(root: Path):
-    """The working directory's own .gitignore and .rayignore, matched the way Ray's packager matches them
-    (its vendored gitwildmatch PathSpec), so the size check counts what Ray would upload."""
-    lines = []
-    for name in (".gitignore", ".rayignore"):
-        f = root / name
-        if f.is_file():
-            lines += f.read_text().splitlines()
-    if not lines:
-        return None
-    try:
-        from ray._private.thirdparty.pathspec import PathSpec
-    except ImportError:  # a future Ray moved it: its packager still applies the files on upload
-        return None
-    return PathSpec.from_lines("gitwildmatch", lines)
-
-
-def working_dir_files(root: str | Path) -> list[Path]:
-    """Files of ``root`` that are uploaded as the job's working directory (relative paths, sorted)."""
-    root = Path(root).resolve()
-    spec = _ignore_spec(root)
-    out: list[Path] = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        here = Path(dirpath)
-        keep = []
-        for d in sorted(dirnames):
-            rel = (here / d).relative_to(root)
-            if (here / d).is_symlink() or _excluded(rel) or (spec and spec.match_file(f"{rel}/")):
-                continue
-            keep.append(d)
-        dirnames[:] = keep
-        for f in sorted(filenames):
-            rel = (here / f).relative_to(root)
-            if not _excluded(rel) and not (spec and spec.match_file(str(rel))) and (here / f).is_file():
-                out.append(rel)
-    return sorted(out)
-
-
-def _copy_tree(src: Path, files: list[Path], dst: Path) -> int:
-    total = 0
-    for rel in files:
-        target = dst / rel
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(src / rel, target)
-        total += target.stat().st_size
-    return total
-
-
-def stage(working_dir: str | Path, dst: Path) -> tuple[Path, Path]:
-    """Copy what the job needs into ``dst``: the filtered working directory and the vitlab package.
-    Returns (working_dir copy, package copy). Raises UserError when the working directory is too big."""
-    src = Path(working_dir).resolve()
-    if not src.is_dir():
-        raise UserError(f"--working-dir {working_dir}: not a directory")
-    files = working_dir_files(src)
-    sizes = {rel: (src / rel).stat().st_size for rel in files}
-    total = sum(sizes.values())
-    if total > MAX_WORKING_DIR_BYTES:
-        largest = ", ".join(f"{rel} ({n / 1024**2:.0f} MiB)" for rel, n in
-                            sorted(sizes.items(), key=lambda kv: -kv[1])[:3])
-        raise UserError(f"--working-dir {src}: {total / 1024**2:.0f} MiB to upload (limit "
-                        f"{MAX_WORKING_DIR_BYTES // 1024**2} MiB); largest: {largest}. Keep data in S3 or list "
-                        "it in .rayignore")
-    wd = dst / "working_dir"
-    wd.mkdir(parents=True)
-    _copy_tree(src, files, wd)
-    pkg_src = Path(vitlab.__file__).resolve().parent
-    pkg = dst / "py_modules" / "vitlab"
-    pkg_files = [f.relative_to(pkg_src) for f in pkg_src.rglob("*") if f.is_file()
-                 and not any(p in ANY_LEVEL_EXCLUDES for p in f.relative_to(pkg_src).parts)
-                 and not f.name.endswith(ANY_LEVEL_SUFFIXES)]
-    _copy_tree(pkg_src, pkg_files, pkg)
-    log.info("job working dir: %d files, %.1f MiB from %s", len(files), total / 1024**2, src)
-    return wd, pkg
 
 
 def parse_env(items: list[str] | None) -> dict[str, str]:
@@ -274,7 +187,7 @@ def new_job_id(command: str) -> str:
 
 def submit(argv: list[str], address: str | None = None, working_dir: str | Path = ".", wait: bool = True,
            tracking_uri: str | None = None, storage_path: str | None = None, env: dict[str, str] | None = None,
-           python: str = "python", job_id: str | None = None, out=None) -> int:
+           python: str = "python", job_id: str | None = None, include: tuple[str, ...] = (), out=None) -> int:
     """Submit ``vitlab <argv>`` (a command the CLI has checked) as a Ray job; with ``wait``, stream its logs
     until it ends. Returns the exit code: 0 only if the job SUCCEEDED (or, without ``wait``, was accepted)."""
     out = out or sys.stdout
@@ -282,18 +195,20 @@ def submit(argv: list[str], address: str | None = None, working_dir: str | Path 
     job_id = job_id or new_job_id(argv[0])
     entrypoint = shlex.join([python, "-m", "vitlab.cli", *argv])
     with tempfile.TemporaryDirectory(prefix="vitlab-submit-") as tmp:
-        wd, pkg = stage(working_dir, Path(tmp))
+        wd, pkg, taken = stage(working_dir, Path(tmp), include)
+        if taken.secrets:
+            print(f"not uploaded (secrets; --include PATH sends one): {', '.join(taken.secrets)}", file=out)
         runtime_env: dict[str, Any] = {
             "working_dir": str(wd),
             "py_modules": [str(pkg)],
             "env_vars": job_env(job_id, tracking_uri, storage_path, env),
         }
         # the submitted code's commit: the working dir travels without .git
-        metadata = {"vitlab.command": shlex.join(argv), **git_info(str(working_dir))}
+        metadata = {"vitlab.command": redact(shlex.join(argv)), **git_info(str(working_dir))}
         # The upload happens inside submit_job, so the staged copy may go when it returns.
         jobs.call("submit_job", entrypoint=entrypoint, submission_id=job_id, runtime_env=runtime_env,
                   metadata=metadata)
-    print(f"submitted job {job_id} to {jobs.address}: {entrypoint}", file=out, flush=True)
+    print(f"submitted job {job_id} to {jobs.address}: {redact(entrypoint)}", file=out, flush=True)
     print(f"dashboard: {jobs.dashboard_url(job_id)}", file=out, flush=True)
     if not wait:
         print(f"follow it: vitlab jobs logs {job_id} --follow   stop it: vitlab jobs stop {job_id}", file=out)
@@ -330,9 +245,19 @@ def follow(jobs: Jobs, job_id: str, out=None) -> int:
 
 
 def wait_until_done(jobs: Jobs, job_id: str, timeout: float | None = None, poll: float = 1.0):
+    """Poll the job until it ends (or ``timeout``); a head that stops answering for UNREACHABLE_GRACE_S (a
+    restart) is waited for, then reported as one line."""
     deadline = None if timeout is None else time.time() + timeout
+    answered = time.time()
     while True:
-        info = jobs.call("get_job_info", job_id)
+        try:
+            info = jobs.call("get_job_info", job_id)
+        except ClusterUnreachable:
+            if time.time() - answered > UNREACHABLE_GRACE_S:
+                raise
+            time.sleep(poll)
+            continue
+        answered = time.time()
         if _status(info) in TERMINAL:
             return info
         if deadline is not None and time.time() > deadline:

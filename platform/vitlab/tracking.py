@@ -8,6 +8,7 @@ mlflow is imported inside the functions: the CLI and preflight import this modul
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import logging
 import os
@@ -15,6 +16,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,7 @@ from vitlab import __version__
 from vitlab.config import JobConfig
 from vitlab.data.manifest import Manifest
 from vitlab.errors import UserError
+from vitlab.redact import redact, redact_all
 from vitlab.train.storage import run_dir
 
 log = logging.getLogger(__name__)
@@ -29,6 +32,10 @@ log = logging.getLogger(__name__)
 RUN_KEY_TAG = "vitlab.run_key"
 DEFAULT_DB = "mlflow.db"
 DEFAULT_ARTIFACTS = "mlartifacts"
+# While training runs, a call to a server that is down gives up after ~3 s, not MLflow's default of minutes
+# (7 retries with exponential backoff): the epoch waits in the outbox instead of holding up training.
+QUICK_RETRIES = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                 "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
 
 
 def resolve_tracking_uri(uri: str | None) -> str:
@@ -115,12 +122,13 @@ def start_run(
     parent_run_id: str | None = None, resume: bool = True,
 ) -> tuple[str, bool]:
     """Continue the newest run tagged ``run_key`` when ``resume`` (a resumed training or sweep), else create
-    a new one. Returns (run_id, resumed)."""
+    a new one. Returns (run_id, resumed). Credentials in URIs among the values are recorded as ***."""
     import mlflow
     from mlflow.entities import Param, RunTag
 
     client = mlflow.MlflowClient(tracking_uri=uri)
     exp_id = experiment_id(client, experiment, uri)
+    run_key, tags = redact(run_key), redact_all(tags)
     run_id = find_run(client, exp_id, run_key) if resume else None
     if run_id:
         client.update_run(run_id, status="RUNNING")
@@ -138,13 +146,13 @@ def start_run(
 
 def find_run(client, experiment_id: str, run_key: str) -> str | None:
     """The newest run of the experiment tagged with ``run_key`` (a run directory, a sweep trial)."""
-    found = client.search_runs([experiment_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{run_key}'",
+    found = client.search_runs([experiment_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{redact(run_key)}'",
                                max_results=1, order_by=["attributes.start_time DESC"])
     return found[0].info.run_id if found else None
 
 
 def _param_value(v: Any) -> str:
-    s = "None" if v is None else str(v)
+    s = "None" if v is None else redact(str(v))
     return s if len(s) <= 6000 else s[:5997] + "..."
 
 
@@ -156,6 +164,26 @@ def log_metrics(client, run_id: str, items: list[tuple[str, float, int]]) -> Non
     metrics = [Metric(k, v, now, s) for k, v, s in items]
     for i in range(0, len(metrics), 1000):
         client.log_batch(run_id, metrics=metrics[i : i + 1000])
+
+
+def unreachable_errors() -> tuple[type[BaseException], ...]:
+    """What a tracking server that is down (or a store that cannot be written) raises through the client."""
+    import requests
+    from mlflow.exceptions import MlflowException
+
+    return (MlflowException, requests.RequestException, OSError)
+
+
+@contextlib.contextmanager
+def quick_retries() -> Iterator[None]:
+    """QUICK_RETRIES for the calls inside (MLflow reads them on every request); a user's own settings win."""
+    added = {k: v for k, v in QUICK_RETRIES.items() if k not in os.environ}
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for key in added:
+            os.environ.pop(key, None)
 
 
 class StepLogger:
@@ -183,7 +211,15 @@ class StepLogger:
         self.pending.extend((k, float(v), step) for k, v in metrics.items())
 
     def flush(self) -> None:
-        log_metrics(self.client, self.run_id, self.pending)
+        """Best-effort: while the server is down the steps stay here and go with the next flush. (Step curves
+        are a view of training; the epoch metrics are the record, and they wait durably in the run's outbox.)"""
+        try:
+            with quick_retries():
+                log_metrics(self.client, self.run_id, self.pending)
+        except unreachable_errors() as e:
+            log.warning("MLflow unreachable (%s): %d step metrics kept for the next epoch", redact(str(e))[:200],
+                        len(self.pending))
+            return
         self.pending.clear()
 
     def close(self) -> None:

@@ -74,7 +74,7 @@ def test_export_writes_onnx_with_dynamic_batch_and_classes(exported, trained, st
     assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
     logits = ort.InferenceSession(str(out / "model.onnx")).run(None, {"input": np.zeros((3, 3, 16, 16), np.float32)})
     assert logits[0].shape == (3, 10)
-    assert not list(store.glob(".onnx.tmp-*"))  # the temporary build directory is gone
+    assert not list(store.glob(".onnx.*"))  # the build directory is gone
 
 
 def test_export_fails_when_parity_does_not_hold(trained, store):
@@ -218,3 +218,16 @@ def test_registry_round_trip(trained, val_jpegs, store):
     assert run.data.metrics["onnx_parity_max_abs_diff"] == pytest.approx(rep["parity"]["max"])
     logged = mlflow.onnx.load_model(rep["mlflow_model_uri"])
     assert logged.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+
+
+def test_export_into_an_earlier_export_needs_overwrite_and_replaces_it_whole(trained, store):
+    out = store / "again"
+    first = vitlab("export", trained.model_path, "--out", str(out), "--quantize", "int8", "--int8-min-agreement", "0")
+    assert first.returncode == 0, first.stderr
+    assert (out / "model.int8.onnx").is_file()
+    refused = vitlab("export", trained.model_path, "--out", str(out))
+    assert refused.returncode == 2 and "already exists (pass --overwrite" in refused.stderr
+    replaced = vitlab("export", trained.model_path, "--out", str(out), "--overwrite")
+    assert replaced.returncode == 0, replaced.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["classes.json", "model.onnx"]  # no stale int8 file beside
+    assert not list(store.glob(".again.*"))

@@ -5,6 +5,7 @@ too, `vitlab jobs` lists, shows and stops them, and a missing or wrong token is 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
 import subprocess
@@ -14,7 +15,8 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from tests.support import BIN, ROOT, TINY, VITLAB
+from tests.support import BIN, ROOT, TINY, VITLAB, in_thread
+from tests.support.cli import assert_one_line_error, run_cli
 from tests.support.raycluster import start_head
 
 RAY = str(BIN / "ray")
@@ -172,3 +174,28 @@ def test_missing_or_refused_token_is_one_line_exit_2(head, tmp_path):
     proc = run([VITLAB, "submit", "--address", head.url, "--", "data", "prepare", "digits", "--out",
                 str(tmp_path / "never")], {**base, "HOME": str(empty_home)})
     assert proc.returncode == 2 and "none was found" in proc.stderr and not (tmp_path / "never").exists()
+
+
+@pytest.mark.timeout(300)
+def test_following_a_job_when_the_head_goes_away_is_one_line(head, tmp_path, monkeypatch):
+    """Last in this module: it stops the head. `jobs logs -f` waits UNREACHABLE_GRACE_S for a head that
+    stopped answering, then says so in one line (exit 2), no traceback."""
+    from vitlab import jobs
+
+    env = head.client_env()
+    long_job = [VITLAB, "submit", "--no-wait", "--address", head.url, "--", "data", "synth", "--out",
+                str(tmp_path / "synth"), "--classes", "100", "--per-class", "500"]
+    proc = run(long_job, env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    job_id = job_id_of(proc.stdout)
+    for key in [k for k in os.environ if k.startswith(("RAY_AUTH", "RAY_ADDRESS", "RAY_API_SERVER"))]:
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(head.token_file))
+    monkeypatch.setattr(jobs, "UNREACHABLE_GRACE_S", 3.0)
+    thread, result = in_thread(lambda: run_cli("jobs", "logs", job_id, "--follow", "--address", head.url))
+    time.sleep(3)
+    head.stop()
+    thread.join(timeout=120)
+    assert not thread.is_alive() and "error" not in result, result
+    assert_one_line_error(result["value"], f"the Ray cluster at {head.url} stopped answering")

@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from tests.support.data import jpeg_bytes, make_cifar100, make_class_tree, make_tiny_imagenet
+from tests.support.data import jpeg_bytes, make_cifar100, make_class_tree, make_tiny_imagenet, png_bomb
 from vitlab.data.prepare import EncodeOptions, prepare
 from vitlab.errors import UserError
 
@@ -53,6 +53,7 @@ def test_imagenet_layout_with_faults_matches_imagefolder(ray_session, tmp_path):
     (bad / "empty.JPEG").write_bytes(b"")
     (bad / "notes.txt").write_text("not an image")
     (bad / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    (bad / "bomb.png").write_bytes(png_bomb())  # 30000 x 30000 declared: one reject, not a failed prepare
 
     out = tmp_path / "out"
     manifest = prepare(str(src), str(out))
@@ -60,7 +61,8 @@ def test_imagenet_layout_with_faults_matches_imagefolder(ray_session, tmp_path):
     assert manifest["format"] == "imagenet"
     assert manifest["classes"] == ["n01", "n02", "n10"] and manifest["wnids"] == ["n01", "n02", "n10"]
     rejected = {Path(r["path"]).name: r["reason"] for r in manifest["rejects"]}
-    assert set(rejected) == {"truncated.JPEG", "empty.JPEG", "notes.txt", ".DS_Store"}
+    assert set(rejected) == {"truncated.JPEG", "empty.JPEG", "notes.txt", ".DS_Store", "bomb.png"}
+    assert "decompression bomb" in rejected["bomb.png"]
     assert "empty" in rejected["empty.JPEG"] and "truncated" in rejected["truncated.JPEG"]
     assert "not an image" in rejected["notes.txt"]
     assert manifest["splits"]["train"]["rows"] == 12 + 3 and manifest["splits"]["val"]["rows"] == 6
@@ -166,10 +168,16 @@ def test_existing_output_needs_overwrite_and_is_replaced_atomically(ray_session,
     prepare(str(src), str(out))
     with pytest.raises(UserError, match="already exists.*--overwrite"):
         prepare(str(src), str(out))
-    before = json.loads((out / "manifest.json").read_text())["created"]
+    first = json.loads((out / "manifest.json").read_text())
+    make_class_tree(src, ["c"], per_class=3, val_per_class=1)  # new content: the replacement must show it
+    (tmp_path / ".out.partial-999999999-deadbeef").mkdir()  # a killed prepare's leftover (its process is gone)
     prepare(str(src), str(out), overwrite=True)
-    assert (out / "manifest.json").is_file() and json.loads((out / "manifest.json").read_text())["created"] >= before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]
+    second = check_manifest_matches_shards(out)
+    assert first["classes"] == ["a", "b"] and second["classes"] == ["a", "b", "c"]
+    assert (first["splits"]["train"]["rows"], second["splits"]["train"]["rows"]) == (4, 7)
+    assert {s["sha256"] for s in first["splits"]["train"]["shards"]}.isdisjoint(
+        s["sha256"] for s in second["splits"]["train"]["shards"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]  # no partial or old copy left
 
 
 @pytest.mark.parametrize("split_dirs", [True, False], ids=["imagenet", "folders"])

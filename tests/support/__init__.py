@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import sys
+import threading
+from collections.abc import Callable
 from pathlib import Path
 
 from vitlab.config import JobConfig, load_job
@@ -26,3 +28,39 @@ def store_overrides(store: Path, name: str) -> list[str]:
 def tiny_job(store: Path, data: str, name: str, *overrides: str) -> JobConfig:
     """jobs/digits_vit.yaml with the tiny model on ``data``, its outputs under ``store``; ``overrides`` last."""
     return load_job(JOB, [*TINY, f"data.path={data}", *store_overrides(store, name), *overrides])
+
+
+def in_thread(fn: Callable[[], object]) -> tuple[threading.Thread, dict]:
+    """Run ``fn`` in a daemon thread; the dict gets its 'value' or its 'error' (a test's assertions see it)."""
+    result: dict = {}
+
+    def run() -> None:
+        try:
+            result["value"] = fn()
+        except BaseException as e:
+            result["error"] = e
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, result
+
+
+def mlflow_run(uri: str, experiment: str, run_name: str):
+    """The newest MLflow run of that name in the experiment, or None."""
+    import mlflow
+
+    client = mlflow.MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id], filter_string=f"attributes.run_name = '{run_name}'",
+                              order_by=["attributes.start_time DESC"]) if exp else []
+    return runs[0] if runs else None
+
+
+def logged_epochs(uri: str, experiment: str, run_name: str) -> list[int]:
+    """The epochs whose val_top1 the run holds in MLflow (sorted; [] before the run exists)."""
+    import mlflow
+
+    run = mlflow_run(uri, experiment, run_name)
+    if run is None:
+        return []
+    return sorted(m.step for m in mlflow.MlflowClient(uri).get_metric_history(run.info.run_id, "val_top1"))

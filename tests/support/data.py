@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import pickle
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,16 @@ def jpeg_bytes(label: int, index: int, size=(24, 20), mode="RGB", quality=90) ->
     buf = io.BytesIO()
     im.save(buf, "JPEG", quality=quality)
     return buf.getvalue()
+
+
+def png_bomb(width: int = 30000, height: int = 30000) -> bytes:
+    """A ~70-byte PNG whose header declares width x height pixels (PIL's decompression-bomb limit is ~179M)."""
+    buf = io.BytesIO()
+    Image.new("RGB", (1, 1)).save(buf, "PNG")
+    data = bytearray(buf.getvalue())
+    data[16:24] = width.to_bytes(4, "big") + height.to_bytes(4, "big")  # IHDR's size ...
+    data[29:33] = zlib.crc32(bytes(data[12:29])).to_bytes(4, "big")  # ... with a valid checksum
+    return bytes(data)
 
 
 def make_class_tree(root: Path, classes: list[str], per_class: int, size=(24, 20), val_per_class: int | None = 2,

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from vitlab.errors import UserError
+from vitlab.names import is_safe_name
 from vitlab.train import storage
 
 MANIFEST = "manifest.json"
@@ -49,7 +50,26 @@ def load_manifest(path: str) -> Manifest:
         data = json.loads(raw)
     except json.JSONDecodeError as e:
         raise UserError(f"{path}/{MANIFEST}: not valid JSON ({e})") from None
+    check_manifest(data, f"{path}/{MANIFEST}")
+    return Manifest(root, data, hashlib.sha256(raw).hexdigest())
+
+
+def check_manifest(data: Any, where: str) -> None:
+    """The parts of a manifest that training reads: classes, and for each split its rows and shard files,
+    each a relative path inside the dataset (a crafted manifest cannot point a reader outside it)."""
+    if not isinstance(data, dict):
+        raise UserError(f"{where}: expected a JSON object (a vitlab manifest), got {type(data).__name__}")
     for key in ("classes", "splits"):
         if key not in data:
-            raise UserError(f"{path}/{MANIFEST}: missing '{key}' (expected a vitlab manifest)")
-    return Manifest(root, data, hashlib.sha256(raw).hexdigest())
+            raise UserError(f"{where}: missing '{key}' (expected a vitlab manifest)")
+    if not isinstance(data["classes"], list) or not data["classes"]:
+        raise UserError(f"{where}: 'classes' is {data['classes']!r} (expected a non-empty list of class names)")
+    for split in ("train", "val"):
+        entry = data["splits"].get(split) if isinstance(data["splits"], dict) else None
+        shards = entry.get("shards") if isinstance(entry, dict) else None
+        if not isinstance(shards, list) or not isinstance(entry.get("rows"), int):
+            raise UserError(f"{where}: splits.{split} is missing or malformed (expected rows and a list of shards)")
+        for shard in shards:
+            file = shard.get("file") if isinstance(shard, dict) else None
+            if not isinstance(file, str) or not all(is_safe_name(part) for part in file.split("/")):
+                raise UserError(f"{where}: splits.{split}: shard file {file!r} (expected a path inside the dataset)")

@@ -5,9 +5,10 @@ Data dataset, and one Ray task per shard reads its files, validates them (decode
 are caught), converts or re-encodes where needed and writes one Parquet file (temp name, then rename). The
 tasks return only small summaries (rows, sha256, rejects), from which the driver writes the manifest last.
 
-On a local disk the whole output is built in a hidden sibling directory and renamed into place at the end,
-so an interrupted prepare never leaves a directory that looks finished. On object stores (s3://), where
-there is no rename, the manifest is written last and is the mark of a finished prepare.
+On a local disk the whole output is built in a hidden sibling directory and swapped into place at the end
+(vitlab.outdir), so an interrupted prepare never leaves a directory that looks finished, and --overwrite
+replaces only a dataset vitlab wrote. On object stores (s3://), where there is no rename, the manifest is
+written last and is the mark of a finished prepare.
 """
 
 from __future__ import annotations
@@ -16,10 +17,8 @@ import hashlib
 import io
 import json
 import logging
-import os
 import shutil
 import time
-import uuid
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -30,11 +29,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, UnidentifiedImageError
 
-from vitlab import __version__
+from vitlab import __version__, outdir
 from vitlab.cluster import connect
-from vitlab.data.manifest import MANIFEST, MANIFEST_VERSION
+from vitlab.data.manifest import MANIFEST, MANIFEST_VERSION, load_manifest
 from vitlab.data.sources import SPLITS, Item, Listing, list_source
+from vitlab.data.transforms import READ_FORMATS, open_image
 from vitlab.errors import UserError
+from vitlab.redact import redact
 from vitlab.train import storage
 
 log = logging.getLogger(__name__)
@@ -72,13 +73,15 @@ def encode_image(data: bytes, opts: EncodeOptions) -> tuple[bytes, int, int, str
     if not data:
         raise Rejected("empty file (0 bytes)")
     try:
-        img = Image.open(io.BytesIO(data))
+        img = open_image(data)
         fmt = img.format
         img.load()  # a full decode: truncated files fail here, not in training
     except UnidentifiedImageError:
-        raise Rejected("not an image (unrecognised format)") from None
-    except (OSError, SyntaxError, ValueError) as e:
-        raise Rejected(f"truncated or corrupt image ({e})") from None
+        raise Rejected(f"not an image (expected one of {', '.join(READ_FORMATS)})") from None
+    except Image.DecompressionBombError as e:  # a tiny file that declares billions of pixels
+        raise Rejected(f"decompression bomb ({e})") from None
+    except Exception as e:  # noqa: BLE001 - any decoder failure is this file's reject, never the whole prepare's
+        raise Rejected(f"truncated or corrupt image ({type(e).__name__}: {e})") from None
     too_big = opts.max_side is not None and max(img.size) > opts.max_side
     if fmt == "JPEG" and img.mode == "RGB" and not too_big and opts.quality is None:
         return data, img.height, img.width, "copied"
@@ -194,10 +197,30 @@ def default_shard_rows(n_items: int, shard_rows: int | None) -> int:
     return max(32, min(1024, -(-n_items // 16)))
 
 
-def _check_out(out: str, overwrite: bool) -> None:
-    exists = storage.exists(storage.join(out, MANIFEST)) if storage.is_uri(out) else Path(out).exists()
-    if exists and not overwrite:
+def _check_out(source: str, out: str, overwrite: bool) -> None:
+    """OUT may be new, or with --overwrite a dataset vitlab wrote (it holds a vitlab manifest) that is not
+    SOURCE and does not contain it: nothing else is ever replaced."""
+    if storage.is_uri(out):
+        if storage.exists(storage.join(out, MANIFEST)) and not overwrite:
+            raise UserError(f"{out}: output already exists (pass --overwrite to replace it)")
+        return
+    final = Path(out).resolve()
+    outdir.recover(final)
+    if not final.exists():
+        return
+    if not overwrite:
         raise UserError(f"{out}: output already exists (pass --overwrite to replace it)")
+    if not final.is_dir() or not (final / MANIFEST).is_file():
+        raise UserError(f"{out}: --overwrite refused: not a dataset vitlab prepared (no {MANIFEST}); "
+                        "choose a new --out or remove it yourself")
+    try:
+        load_manifest(str(final))
+    except UserError as e:
+        raise UserError(f"--overwrite refused: {e}") from None
+    if source != "digits" and not storage.is_uri(source):
+        src = Path(source).resolve()
+        if src == final or final in src.parents:
+            raise UserError(f"{out}: --overwrite refused: it is or contains SOURCE {source}")
 
 
 def prepare(
@@ -213,7 +236,7 @@ def prepare(
     """Run the prepare job and return the manifest. Errors in the inputs raise UserError before Ray starts."""
     if val_fraction is not None and not 0.0 <= val_fraction < 1.0:
         raise UserError(f"--val-fraction {val_fraction}: expected a fraction in [0, 1)")
-    _check_out(out, overwrite)
+    _check_out(source, out, overwrite)
     listing = list_source(source, fmt, val_fraction, seed)
     if not listing.items:
         raise UserError(f"{source}: no image files found")
@@ -226,16 +249,13 @@ def prepare(
         work_uri, final_dir = out.rstrip("/"), None
     else:
         final_dir = Path(out).resolve()
-        final_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp_dir = final_dir.parent / f".{final_dir.name}.partial-{uuid.uuid4().hex[:8]}"
-        tmp_dir.mkdir()
-        work_uri = str(tmp_dir)
+        work_uri = str(outdir.staging(final_dir))
     try:
         summaries = _run_shard_tasks(chunks, work_uri, opts)
         manifest = _manifest(source, listing, summaries, opts, rows, seed, time.perf_counter() - start)
         _write_manifest(work_uri, manifest)
         if final_dir is not None:
-            _replace_dir(Path(work_uri), final_dir)
+            outdir.swap(Path(work_uri), final_dir)
     except BaseException:
         if final_dir is not None:
             shutil.rmtree(work_uri, ignore_errors=True)
@@ -274,7 +294,7 @@ def _manifest(source: str, listing: Listing, summaries: list[dict[str, Any]], op
         "version": MANIFEST_VERSION,
         "vitlab_version": __version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "source": source if source == "digits" else storage.absolute(source),
+        "source": source if source == "digits" else redact(storage.absolute(source)),
         "format": listing.format,
         "num_classes": len(listing.classes),
         "classes": listing.classes,
@@ -291,17 +311,6 @@ def _manifest(source: str, listing: Listing, summaries: list[dict[str, Any]], op
 
 def _write_manifest(work_uri: str, manifest: dict[str, Any]) -> None:
     storage.write_text(storage.join(work_uri, MANIFEST), json.dumps(manifest, indent=2))
-
-
-def _replace_dir(tmp_dir: Path, final_dir: Path) -> None:
-    """Rename the finished build into place; an old output (with --overwrite) is moved aside first."""
-    old = None
-    if final_dir.exists():
-        old = final_dir.parent / f".{final_dir.name}.old-{uuid.uuid4().hex[:8]}"
-        os.rename(final_dir, old)
-    os.rename(tmp_dir, final_dir)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def summary_line(out: str, manifest: dict[str, Any]) -> str:

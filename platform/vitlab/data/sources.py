@@ -20,6 +20,7 @@ import numpy as np
 import pyarrow.fs as pafs
 
 from vitlab.errors import UserError
+from vitlab.names import check_name
 from vitlab.train import storage
 
 log = logging.getLogger(__name__)
@@ -184,6 +185,8 @@ def _split_val_fraction(items: list[Item], fraction: float | None, seed: int) ->
 
 
 def _class_folder_items(tree: Tree, rel: str, classes: list[str], split: str) -> list[Item]:
+    for name in classes:  # a folder name with a newline would corrupt the manifest and every log line
+        check_name(name, tree.name(rel))
     return [Item(split, key, label) for label, name in enumerate(classes)
             for key in tree.files(f"{rel}/{name}" if rel else name)]
 
@@ -265,12 +268,9 @@ def _flat_imagenet_val(tree: Tree, classes: list[str], listing: Listing) -> list
 
 def read_tiny_imagenet(tree: Tree, val_fraction: float | None, seed: int) -> Listing:
     """Tiny ImageNet: wnids.txt, words.txt, train/<wnid>/images/*, val/images/* + val/val_annotations.txt."""
-    wnids = sorted(w.strip() for w in tree.read_text("wnids.txt").split() if w.strip())
-    words: dict[str, str] = {}
-    if tree.is_file("words.txt"):
-        for line in tree.read_text("words.txt").splitlines():
-            wnid, _, text = line.partition("\t")
-            words[wnid] = text.split(",")[0].strip()
+    wnids = sorted(check_name(w, tree.name("wnids.txt")) for w in tree.read_text("wnids.txt").split())
+    lines = tree.read_text("words.txt").splitlines() if tree.is_file("words.txt") else []
+    words = {wnid: text.split(",")[0].strip() for wnid, _, text in (line.partition("\t") for line in lines)}
     listing = Listing("tiny_imagenet", [words.get(w, w) for w in wnids], wnids=wnids, root=tree.source)
     index = {w: i for i, w in enumerate(wnids)}
     tree.index("train")  # one listing of train/, grouped by wnid

@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
-import tempfile
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -17,7 +15,7 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
-from vitlab import tracking
+from vitlab import outdir, tracking
 from vitlab.data.manifest import load_manifest
 from vitlab.deploy.bundle import CLASSES_FILE, INPUT_NAME, ONNX_FILE, OUTPUT_NAME, ModelBundle
 from vitlab.errors import UserError
@@ -161,13 +159,29 @@ def check_quantized(bundle: ModelBundle, path: Path, min_agreement: float, threa
     return report
 
 
+def check_out(out: Path, overwrite: bool) -> None:
+    """OUT may be new or empty, or with --overwrite an earlier export (it holds classes.json): nothing else is
+    ever replaced."""
+    outdir.recover(out)
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise UserError(f"--out {out}: exists and is not a directory")
+    if not any(out.iterdir()):
+        return
+    if not overwrite:
+        raise UserError(f"--out {out}: already exists (pass --overwrite to replace that export)")
+    if not (out / CLASSES_FILE).is_file():
+        raise UserError(f"--out {out}: --overwrite refused: not an export vitlab wrote (no {CLASSES_FILE})")
+
+
 def export(bundle: ModelBundle, out_dir: str | Path, opset: int = DEFAULT_OPSET, atol: float = PARITY_ATOL,
            log_to_mlflow: bool = True, quantize: str | None = None,
-           int8_min_agreement: float = INT8_MIN_AGREEMENT) -> dict[str, Any]:
+           int8_min_agreement: float = INT8_MIN_AGREEMENT, overwrite: bool = False) -> dict[str, Any]:
     """Write OUT/model.onnx and OUT/classes.json, check onnxruntime against torch, log to the model's
     MLflow run (when it came from one). Nothing is put in place unless parity holds. ``quantize`` (a
     QUANTIZERS name) also writes the quantized file, put in place only if its top-1 agrees with fp32's often
-    enough."""
+    enough. An existing OUT is replaced whole, only with ``overwrite``."""
     if bundle.model is None:
         raise UserError(f"{bundle.source}: already an ONNX export (give a model file, checkpoint or MLflow URI)")
     check_opset(opset)
@@ -175,11 +189,9 @@ def export(bundle: ModelBundle, out_dir: str | Path, opset: int = DEFAULT_OPSET,
         raise UserError(f"--quantize {quantize}: expected one of {', '.join(QUANTIZERS)}")
     if not 0.0 <= int8_min_agreement <= 1.0:
         raise UserError(f"--int8-min-agreement {int8_min_agreement}: expected a share between 0 and 1")
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out}: exists and is not a directory")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    out = Path(out_dir).resolve()
+    check_out(out, overwrite)
+    tmp = outdir.staging(out)
     try:
         export_onnx_file(bundle.model, tmp / ONNX_FILE, bundle.image_size, opset)
         (tmp / CLASSES_FILE).write_text(json.dumps({**bundle.classes_json(), "opset": opset}, indent=2))
@@ -189,7 +201,6 @@ def export(bundle: ModelBundle, out_dir: str | Path, opset: int = DEFAULT_OPSET,
             raise ExportCheckError(
                 f"fp32 parity check failed: onnxruntime differs from torch by {parity['max']:.3g} > {atol:g} "
                 f"(max |diff| per batch size: {parity['max_abs_diff']}); nothing written to {out}")
-        files = [ONNX_FILE, CLASSES_FILE]
         quantized = None
         if quantize is not None:
             quantizer, name = QUANTIZERS[quantize]
@@ -201,10 +212,7 @@ def export(bundle: ModelBundle, out_dir: str | Path, opset: int = DEFAULT_OPSET,
                     f"{quantized['top1_agreement']:.1%} of {quantized['images']} {quantized['on']} < "
                     f"{int8_min_agreement:.1%}; nothing written to {out}")
             quantized.update(onnx=str(out / name), bytes=(tmp / name).stat().st_size)
-            files.append(name)
-        out.mkdir(exist_ok=True)
-        for name in files:  # atomic per file: a crash never leaves a half-written model
-            os.replace(tmp / name, out / name)
+        outdir.swap(tmp, out)  # the whole directory: no file of an earlier export survives beside these
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     report: dict[str, Any] = {

@@ -7,24 +7,24 @@ from __future__ import annotations
 
 from typing import Any
 
-import mlflow
 from ray.train.v2.api.callback import UserCallback
 
-from vitlab import tracking
+from vitlab.train.outbox import Outbox, deliver
 
-EPOCH_PROBE = "val_top1"  # every epoch report carries it; its history says which epochs a run already has
 NOT_LOGGED = ("epoch", "step")  # the step of every metric, not metrics of their own
 
 
 class EpochMetricsCallback(UserCallback):
-    """Rank 0's epoch metrics -> the MLflow run, each epoch exactly once.
+    """Rank 0's epoch metrics -> the MLflow run, each epoch exactly once, through the run's outbox.
 
     Epochs reported without a checkpoint wait until one covers them (a failure before that sends training
-    back, and the epoch is trained again); epochs the run already holds are skipped (a resumed run).
+    back, and the epoch is trained again); epochs the run already holds are skipped (a resumed run). While
+    the tracking server is down, checkpointed epochs wait in the outbox beside the checkpoints, and training
+    goes on.
     """
 
-    def __init__(self, uri: str, run_id: str):
-        self.uri, self.run_id = uri, run_id
+    def __init__(self, uri: str, run_id: str, run_dir: str):
+        self.uri, self.run_id, self.outbox = uri, run_id, Outbox(run_dir)
         self.pending: list[tuple[int, dict[str, float]]] = []
 
     def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
@@ -32,17 +32,11 @@ class EpochMetricsCallback(UserCallback):
         self.pending.append((int(rank0["epoch"]), {k: float(v) for k, v in rank0.items()
                                                   if k not in NOT_LOGGED and isinstance(v, (int, float))}))
         if checkpoint is not None:
-            self.flush()
+            deliver(self.uri, self.run_id, self.outbox, self.pending)
+            self.pending.clear()
 
     def after_exception(self, run_context, worker_exceptions) -> None:
         self.pending.clear()  # training goes back to the last checkpoint: these epochs are redone
-
-    def flush(self) -> None:
-        client = mlflow.MlflowClient(tracking_uri=self.uri)
-        have = {m.step for m in client.get_metric_history(self.run_id, EPOCH_PROBE)}
-        items = [(k, v, epoch) for epoch, values in self.pending if epoch not in have for k, v in values.items()]
-        tracking.log_metrics(client, self.run_id, items)
-        self.pending.clear()
 
 
 class ForwardToQueue(UserCallback):

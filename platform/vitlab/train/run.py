@@ -23,9 +23,11 @@ from vitlab.config import JobConfig
 from vitlab.data.manifest import Manifest
 from vitlab.data.pipeline import start_epoch_clock
 from vitlab.errors import UserError
+from vitlab.redact import redact, redact_all
 from vitlab.train import state, storage
 from vitlab.train.callbacks import EpochMetricsCallback
 from vitlab.train.loop import LoopInputs
+from vitlab.train.outbox import Outbox, deliver, format_epochs
 from vitlab.train.preflight import Checked, preflight
 from vitlab.train.trainer import build_trainer
 
@@ -53,6 +55,7 @@ class TrainOutcome:
     images_per_s: float
     run_dir: str
     resumed: bool
+    waiting_epochs: list[int]  # epochs not yet in MLflow (the server was unreachable at the end): in the outbox
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -78,20 +81,34 @@ def train(cfg: JobConfig, resume_from: str | None = None, parent_run_id: str | N
     run_id, resumed = tracking.start_run(uri, cfg.tracking.experiment, tracking_key or run_dir, cfg.run.name,
                                          cfg.flat(), tracking.run_tags(cfg, manifest), parent_run_id,
                                          resume=tracking_key is not None or storage.has_checkpoints(run_dir))
-    log.info("MLflow run %s (%s) at %s", run_id, "resumed" if resumed else "new", uri)
+    log.info("MLflow run %s (%s) at %s", run_id, "resumed" if resumed else "new", redact(uri))
+    outbox = Outbox(run_dir)
+    deliver(uri, run_id, outbox)  # epochs an earlier start of this run could not send
     inputs = LoopInputs(num_classes=manifest.num_classes, train_rows=manifest.rows("train"), tracking_uri=uri,
                         run_id=run_id, resume_from=resume_from, epoch_clock=start_epoch_clock())
     # The MLflow logger first: a sweep's forwarding callback after it hands the epoch to Tune, whose
     # scheduler may stop the trial at once; by then the epoch is in MLflow.
-    trainer = build_trainer(cfg, manifest, inputs, [EpochMetricsCallback(uri, run_id), *(callbacks or [])])
+    trainer = build_trainer(cfg, manifest, inputs, [EpochMetricsCallback(uri, run_id, run_dir),
+                                                    *(callbacks or [])])
     try:
         result = trainer.fit()
     except Exception as e:
-        tracking.end_run(uri, run_id, "FAILED")
+        _end_run(uri, run_id, "FAILED")
         raise TrainingError(_root_message(e)) from e
-    outcome = finish(cfg, manifest, uri, run_id, result, start, resumed, log_model)
-    tracking.end_run(uri, run_id, "FINISHED")
+    waiting = deliver(uri, run_id, outbox)
+    outcome = finish(cfg, manifest, uri, run_id, result, start, resumed, log_model, waiting)
+    if not waiting:  # else the run stays RUNNING: the next `vitlab train` of it sends the epochs and ends it
+        _end_run(uri, run_id, "FINISHED")
     return outcome
+
+
+def _end_run(uri: str, run_id: str, status: str) -> None:
+    """Mark the MLflow run ended; a tracking failure here is a warning, never what the command reports."""
+    try:
+        with tracking.quick_retries():
+            tracking.end_run(uri, run_id, status)
+    except tracking.unreachable_errors() as e:
+        log.warning("MLflow run %s not marked %s (%s)", run_id, status, redact(storage.first_line(e)))
 
 
 def _root_message(e: BaseException) -> str:
@@ -113,8 +130,9 @@ def _best(result) -> tuple[Any, dict[str, Any]]:
 
 
 def finish(cfg: JobConfig, manifest: Manifest, uri: str, run_id: str, result, start: float,
-           resumed: bool, log_model: bool = True) -> TrainOutcome:
-    """Write the plain best model beside the run, log the artifacts, and build the outcome."""
+           resumed: bool, log_model: bool = True, waiting: list[int] | None = None) -> TrainOutcome:
+    """Write the plain best model beside the run, log the artifacts (not while epochs are ``waiting`` for the
+    tracking server), and build the outcome."""
     best_ckpt, best_metrics = _best(result)
     latest = result.metrics or {}
     # as_directory(): the checkpoint itself on local storage, a downloaded copy when it is in S3 (a cluster)
@@ -126,22 +144,18 @@ def finish(cfg: JobConfig, manifest: Manifest, uri: str, run_id: str, result, st
         confusion = state.load_confusion(d)
     model = models.with_weights(cfg, manifest.num_classes, saved["model"], str(best_ckpt.path))
     model_path = storage.save_torch(model.state_dict(), storage.join(storage.run_dir(cfg), storage.BEST_MODEL_FILE))
-
-    with tempfile.TemporaryDirectory(prefix="vitlab-artifacts-") as tmp:
-        art = Path(tmp)
-        (art / "config.yaml").write_text(cfg.to_yaml())
-        (art / "manifest.json").write_text(json.dumps(manifest.data, indent=2))
-        curves = tracking.metric_histories(uri, run_id, tuple(key for key, _, _ in plots.LEARNING_CURVES))
-        files = [art / "config.yaml", art / "manifest.json", plots.learning_curves(curves, art / "curves.png")]
-        if confusion is not None:
-            files.append(plots.confusion(confusion, manifest.classes, art / "confusion.png"))
-        tracking.log_artifacts(uri, run_id, files)
-    if log_model:
-        size = cfg.data.image_size
-        # batch 2: torch.export (MLflow's pt2 format) fixes a size-1 batch dimension to 1 for good
-        tracking.log_torch_model(uri, run_id, model, torch.randn(2, 3, size, size).numpy())
-
-    rates = [v for _, v in tracking.metric_history(uri, run_id, "images_per_s")]
+    images_per_s = float(latest.get("images_per_s", 0.0))
+    if waiting:
+        log.warning("MLflow unreachable: epochs %s wait in %s; run `vitlab train` of this run again (same "
+                    "run.name) once the server answers, and they are logged and the run ended",
+                    format_epochs(waiting), Outbox(storage.run_dir(cfg)).location)
+    else:
+        try:
+            with tracking.quick_retries():
+                images_per_s = _record(cfg, manifest, uri, run_id, model, confusion, log_model) or images_per_s
+        except tracking.unreachable_errors() as e:
+            log.warning("MLflow unreachable at the end of the run: artifacts and model not logged (%s)",
+                        redact(storage.first_line(e)))
     return TrainOutcome(
         val_top1=float(best_metrics["val_top1"]),
         val_top5=float(best_metrics["val_top5"]),
@@ -153,17 +167,42 @@ def finish(cfg: JobConfig, manifest: Manifest, uri: str, run_id: str, result, st
         model={"name": cfg.model.name, "kwargs": models.timm_kwargs(cfg)},
         normalize={"mean": list(cfg.data.mean), "std": list(cfg.data.std)},
         wall_s=round(time.perf_counter() - start, 2),
-        images_per_s=float(np.mean(rates)) if rates else 0.0,
+        images_per_s=images_per_s,
         run_dir=storage.run_dir(cfg),
         resumed=resumed,
+        waiting_epochs=list(waiting or []),
     )
 
 
+def _record(cfg: JobConfig, manifest: Manifest, uri: str, run_id: str, model, confusion, log_model: bool) -> float:
+    """The run's artifacts (config, manifest, curves, confusion matrix) and logged model in MLflow; returns
+    the mean train images/s over its epochs."""
+    with tempfile.TemporaryDirectory(prefix="vitlab-artifacts-") as tmp:
+        art = Path(tmp)
+        (art / "config.yaml").write_text(redact(cfg.to_yaml()))
+        (art / "manifest.json").write_text(json.dumps(redact_all(manifest.data), indent=2))
+        curves = tracking.metric_histories(uri, run_id, tuple(key for key, _, _ in plots.LEARNING_CURVES))
+        files = [art / "config.yaml", art / "manifest.json", plots.learning_curves(curves, art / "curves.png")]
+        if confusion is not None:
+            files.append(plots.confusion(confusion, manifest.classes, art / "confusion.png"))
+        tracking.log_artifacts(uri, run_id, files)
+    if log_model:
+        size = cfg.data.image_size
+        # batch 2: torch.export (MLflow's pt2 format) fixes a size-1 batch dimension to 1 for good
+        tracking.log_torch_model(uri, run_id, model, torch.randn(2, 3, size, size).numpy())
+
+    rates = [v for _, v in tracking.metric_history(uri, run_id, "images_per_s")]
+    return float(np.mean(rates)) if rates else 0.0
+
+
 def summary(outcome: TrainOutcome) -> str:
-    return "\n".join([
+    waiting = ([f"MLflow unreachable: epochs {format_epochs(outcome.waiting_epochs)} wait in the run's outbox; "
+                "run the same `vitlab train` again once the server answers to log them"]
+               if outcome.waiting_epochs else [])
+    return "\n".join([*waiting,
         f"val top-1 {outcome.val_top1:.2%}  top-5 {outcome.val_top5:.2%}  after {outcome.epochs} epochs "
         f"in {outcome.wall_s:.0f}s ({outcome.images_per_s:.0f} train images/s)",
         f"best model: {outcome.model_path}",
-        f"MLflow run {outcome.mlflow_run_id} in {outcome.tracking_uri}",
-        f"open it: vitlab ui   (or: mlflow ui --backend-store-uri {outcome.tracking_uri})",
+        f"MLflow run {outcome.mlflow_run_id} in {redact(outcome.tracking_uri)}",
+        f"open it: vitlab ui   (or: mlflow ui --backend-store-uri {redact(outcome.tracking_uri)})",
     ])

@@ -32,6 +32,7 @@ from vitlab import plots, tracking
 from vitlab.cluster import connect
 from vitlab.config import JobConfig
 from vitlab.errors import UserError
+from vitlab.redact import redact
 from vitlab.train import storage
 from vitlab.train.callbacks import ForwardToQueue
 from vitlab.train.preflight import Checked, check_job, preflight
@@ -285,7 +286,7 @@ def _finish(base: JobConfig, spec: SweepSpec, grid, uri: str, parent_id: str, sw
                  plots.trial_curves(_trial_curves(grid, spec.metric), spec.metric, art / "trials_curves.png")]
         if best_row is not None:
             best_cfg = base.with_overrides({**best_row.params, "run.name": f"{Path(sweep_dir).name}-best"})
-            text = f"# the best trial's full JobConfig: vitlab train {best_path}\n{best_cfg.to_yaml()}"
+            text = redact(f"# the best trial's full JobConfig: vitlab train {best_path}\n{best_cfg.to_yaml()}")
             storage.write_text(best_path, text)
             (art / BEST_FILE).write_text(text)
             keys = [k for k in spec.params if all(isinstance(r.params.get(k), (int, float)) for r in rows)]
