@@ -233,3 +233,19 @@ def test_mlflow_params_tags_and_manifests_hold_no_credentials(tmp_path):
     listing = Listing("folders", ["a"], items=[Item("train", "a/1.jpg", 0)])
     manifest = _manifest("s3://bucket/raw?secret_key=SK", listing, [], EncodeOptions(), 32, 0, 1.0)
     assert manifest["source"] == "s3://bucket/raw?secret_key=***"
+
+
+def test_rng_states_are_tensors_and_plain_values(tmp_path):
+    """A checkpoint's RNG states load with torch's plain weights-only unpickler (no allowances) and restore."""
+    import random
+
+    import numpy as np
+    import torch
+
+    from vitlab.train.state import rng_state, set_rng_state
+
+    np.random.seed(3), random.seed(3), torch.manual_seed(3)
+    torch.save({"rng": [rng_state()]}, tmp_path / "state.pt")
+    expected = (np.random.rand(), random.random(), torch.rand(1).item())
+    set_rng_state(torch.load(tmp_path / "state.pt", weights_only=True)["rng"][0])
+    assert (np.random.rand(), random.random(), torch.rand(1).item()) == expected

@@ -29,9 +29,12 @@ CONFUSION_FILE = "confusion.npy"
 
 
 def rng_state() -> dict[str, Any]:
+    """This process's RNG states as tensors and plain Python values: what a weights-only load rebuilds."""
     import torch
 
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    numpy_state = (name, keys.tolist(), int(pos), int(has_gauss), float(gauss))
+    state = {"torch": torch.get_rng_state(), "numpy": numpy_state, "python": random.getstate()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -41,7 +44,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
     import torch
 
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -85,8 +89,9 @@ def write_checkpoint_dir(
 
 
 def load_state(checkpoint_dir: str | Path) -> dict[str, Any]:
-    """state.pt through torch's weights-only unpickler: a crafted checkpoint can carry data, never code. numpy's
-    RNG state is the one non-tensor in it: its array type is allowed, nothing else is."""
+    """state.pt through torch's weights-only unpickler: a crafted checkpoint can carry data, never code.
+    Tensors and plain values only; numpy's array type is allowed too, for checkpoints whose numpy RNG state was
+    stored as an array."""
     import torch
 
     with torch.serialization.safe_globals([np.ndarray, np.dtype, np.dtype(np.uint32).__class__,
