@@ -36,6 +36,14 @@ class DataConfig(Section):
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
     hflip: float = Field(0.5, ge=0.0, le=1.0)
     randaugment: str | None = None  # timm string, e.g. "rand-m9-mstd0.5-inc1"
+    # Resampling of every resize, train and val (DeiT and timm's ViTs: bicubic); exports record it.
+    interpolation: Literal["bilinear", "bicubic"] = "bilinear"
+    # Random erasing (timm's RandomErasing, DeiT: 0.25 / pixel / 1) on the normalised batch on the device:
+    # each image, with probability reprob, gets 1..recount rectangles of random pixels ('pixel'), one random
+    # colour per rectangle ('rand') or zeros ('const').
+    reprob: float = Field(0.0, ge=0.0, le=1.0)
+    remode: Literal["pixel", "rand", "const"] = "pixel"
+    recount: int = Field(1, ge=1)
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     # Rows of a shuffle buffer applied when batches are taken from the stream (0 = off; costs throughput).
@@ -80,6 +88,9 @@ class OptimConfig(Section):
     mixup_switch_prob: float = Field(0.5, ge=0.0, le=1.0)
     clip_grad: float | None = Field(None, gt=0.0)
     accum_steps: int = Field(1, ge=1)
+    # Layer-wise lr decay (fine-tuning, BEiT/timm): block i's lr x layer_decay ** (depth - i), the patch
+    # embedding's x layer_decay ** (depth + 1), the head's x 1.
+    layer_decay: float | None = Field(None, gt=0.0, le=1.0)
 
 
 class TrainConfig(Section):

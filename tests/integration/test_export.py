@@ -29,7 +29,9 @@ def store(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def trained(ray_session, digits_dir, store):
-    return train(tiny_job(store, digits_dir, "tiny", "train.epochs=2"))
+    # bicubic and random erasing: predict must reproduce the val accuracy with the training's resampling
+    return train(tiny_job(store, digits_dir, "tiny", "train.epochs=2", "data.interpolation=bicubic",
+                          "data.reprob=0.25"))
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +70,7 @@ def test_export_writes_onnx_with_dynamic_batch_and_classes(exported, trained, st
     meta = json.loads((out / "classes.json").read_text())
     assert meta["classes"] == [str(d) for d in range(10)]
     assert (meta["image_size"], meta["mean"], meta["std"], meta["crop_pct"]) == (16, [0.5] * 3, [0.5] * 3, 0.875)
+    assert meta["interpolation"] == "bicubic"
     assert meta["model"] == trained.model and meta["opset"] == 17
     model = onnx.load(str(out / "model.onnx"))
     onnx.checker.check_model(model)

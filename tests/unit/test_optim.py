@@ -55,3 +55,39 @@ def test_randaugment_runs_in_the_decode():
     plain = decode_train(data, 16, row_rng(0, 0, "k"))
     out = decode_train(data, 16, row_rng(0, 0, "k"), augment=aug)
     assert out.shape == (16, 16, 3) and out.dtype == np.uint8 and plain.shape == out.shape
+
+
+def test_layer_decay_scales_the_lr_of_each_block():
+    model = create_model("vit_tiny_patch16_224", 10, {**TINY, "depth": 4})
+    opt = build_optimizer(model, OptimConfig(layer_decay=0.5), 1e-3)
+    names = {id(p): n for n, p in model.named_parameters()}
+    scale = {names[id(p)]: g["lr_scale"] for g in opt.param_groups for p in g["params"]}
+    assert scale["blocks.0.attn.qkv.weight"] / scale["blocks.3.attn.qkv.weight"] == pytest.approx(0.5 ** 3)
+    assert scale["head.weight"] == 1.0 and scale["patch_embed.proj.weight"] == pytest.approx(0.5 ** 5)
+    schedule = build_schedule(OptimConfig(warmup_epochs=0), 1e-3, steps_per_epoch=10, epochs=1)
+    schedule.apply(opt, 0)  # the schedule honours lr_scale
+    lrs = {names[id(p)]: g["lr"] for g in opt.param_groups for p in g["params"]}
+    assert lrs["blocks.0.attn.qkv.weight"] == pytest.approx(1e-3 * 0.5 ** 4)
+
+
+def test_random_erasing_changes_only_the_erased_rectangles_in_the_configured_share():
+    import random
+
+    from vitlab.config import DataConfig
+    from vitlab.train.optim import batch_augment, build_eraser
+
+    random.seed(0)
+    torch.manual_seed(0)
+    images = torch.randn(2000, 3, 16, 16)
+    labels = torch.zeros(2000, dtype=torch.long)
+    augment = batch_augment(build_eraser(DataConfig(reprob=0.25, remode="pixel"), torch.device("cpu")), None)
+    out, targets = augment(images.clone(), labels)
+    assert targets is labels
+    changed = (out != images).any(dim=1)  # N x H x W: pixels that differ in any channel
+    share = changed.flatten(1).any(dim=1).float().mean().item()
+    assert 0.21 <= share <= 0.29, share
+    for mask in changed[changed.flatten(1).any(dim=1)][:200]:
+        rows, cols = mask.any(dim=1).nonzero(), mask.any(dim=0).nonzero()
+        box = mask[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
+        assert box.all() and mask.sum() == box.numel()  # one filled rectangle, nothing outside it
+    assert build_eraser(DataConfig(), torch.device("cpu")) is None

@@ -33,3 +33,17 @@ def test_normalize_on_device():
     assert torch.allclose(y[:, 0], torch.tensor(2.0)) and torch.allclose(y[:, 2], torch.tensor(0.5))
     z = normalize_on_device(x, (0.5,) * 3, (0.5,) * 3, torch.device("cpu"), channels_last=True)
     assert z.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_bicubic_val_crops_match_pils_bicubic_resize():
+    import io
+
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8))
+    buf = io.BytesIO()
+    img.save(buf, "PNG")  # lossless, no JPEG draft: the decode is the resize alone
+    bicubic = decode_val(buf.getvalue(), 16, crop_pct=1.0, interpolation="bicubic")
+    assert np.array_equal(bicubic, np.asarray(img.resize((16, 16), Image.BICUBIC)))
+    assert not np.array_equal(bicubic, decode_val(buf.getvalue(), 16, crop_pct=1.0, interpolation="bilinear"))

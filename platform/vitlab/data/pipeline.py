@@ -89,7 +89,8 @@ def _decode_train_shards(
             out = np.empty((len(take), size, size, 3), dtype=np.uint8)
             for j, r in enumerate(take):
                 rng = row_rng(seed, epoch_n, keys[r])
-                out[j] = decode_train(images[r], size, rng, data.scale, data.ratio, data.hflip, augment)
+                out[j] = decode_train(images[r], size, rng, data.scale, data.ratio, data.hflip, augment,
+                                      data.interpolation)
             yield {"image": out, "label": np.asarray([labels[r] for r in take], dtype=np.int64)}
 
 
@@ -101,7 +102,7 @@ def _decode_val_shards(
         table = _read_shard(files[int(idx)])
         images, labels = table.column("image").to_pylist(), table.column("label").to_numpy()
         for part in _blocks(len(images), data.block_rows):
-            out = np.stack([decode_val(b, size, data.crop_pct) for b in images[part]])
+            out = np.stack([decode_val(b, size, data.crop_pct, data.interpolation) for b in images[part]])
             yield {"image": out, "label": labels[part].astype(np.int64)}
 
 

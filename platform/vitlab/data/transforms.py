@@ -22,6 +22,9 @@ Box = tuple[float, float, float, float]
 READ_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
 
 
+RESAMPLE = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}  # data.interpolation -> PIL
+
+
 def open_image(data: bytes) -> Image.Image:
     """Image.open limited to READ_FORMATS (header only; pixels decode on first use)."""
     return Image.open(io.BytesIO(data), formats=READ_FORMATS)
@@ -94,12 +97,13 @@ def decode_train(
     ratio: tuple[float, float] = (3 / 4, 4 / 3),
     hflip: float = 0.5,
     augment: Callable[[Image.Image], Image.Image] | None = None,
+    interpolation: str = "bilinear",
 ) -> np.ndarray:
     """RandomResizedCrop(size, scale, ratio) + horizontal flip (+ optional PIL augment, e.g. RandAugment)."""
     width, height = image_size_of(data)
     box = random_resized_crop_box(width, height, scale, ratio, rng)
     img, box = _open_drafted(data, box, size)
-    img = img.resize((size, size), Image.BILINEAR, box=box)
+    img = img.resize((size, size), RESAMPLE[interpolation], box=box)
     if rng.random() < hflip:
         img = img.transpose(Image.FLIP_LEFT_RIGHT)
     if augment is not None:
@@ -107,11 +111,11 @@ def decode_train(
     return np.asarray(img, dtype=np.uint8)
 
 
-def decode_val(data: bytes, size: int, crop_pct: float = 0.875) -> np.ndarray:
+def decode_val(data: bytes, size: int, crop_pct: float = 0.875, interpolation: str = "bilinear") -> np.ndarray:
     """Resize the shorter side to size / crop_pct, center-crop size x size: one resize on the crop box."""
     width, height = image_size_of(data)
     img, box = _open_drafted(data, center_crop_box(width, height, size, crop_pct), size)
-    return np.asarray(img.resize((size, size), Image.BILINEAR, box=box), dtype=np.uint8)
+    return np.asarray(img.resize((size, size), RESAMPLE[interpolation], box=box), dtype=np.uint8)
 
 
 def row_rng(seed: int, epoch: int, key: str) -> np.random.Generator:

@@ -28,7 +28,7 @@ from vitlab import tracking
 from vitlab.config import JobConfig
 from vitlab.data.manifest import load_manifest
 from vitlab.data.pipeline import normalize_on_device
-from vitlab.data.transforms import decode_val
+from vitlab.data.transforms import RESAMPLE, decode_val
 from vitlab.errors import UserError
 from vitlab.train import state
 from vitlab.train.storage import BEST_MODEL_FILE
@@ -53,6 +53,7 @@ class ModelBundle:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     crop_pct: float
+    interpolation: str = "bilinear"  # of the val resize: data.interpolation of the training
     model_name: str | None = None
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     model: Any = None  # a torch module in eval mode on CPU, or None for an ONNX export
@@ -68,7 +69,7 @@ class ModelBundle:
 
     def decode(self, data: bytes) -> np.ndarray:
         """JPEG/PNG/... bytes -> uint8 HWC: the val preprocessing of training (the val pipeline's decode_val)."""
-        return decode_val(data, self.image_size, self.crop_pct)
+        return decode_val(data, self.image_size, self.crop_pct, self.interpolation)
 
     def normalize(self, images: np.ndarray) -> np.ndarray:
         """uint8 NHWC -> float32 NCHW, (x / 255 - mean) / std: the training pipeline's normalize_on_device."""
@@ -85,10 +86,12 @@ class ModelBundle:
             "mean": list(self.mean),
             "std": list(self.std),
             "crop_pct": self.crop_pct,
+            "interpolation": self.interpolation,
             "input": {"name": INPUT_NAME, "shape": ["batch", 3, self.image_size, self.image_size],
                       "dtype": "float32", "layout": "NCHW, RGB, (x / 255 - mean) / std"},
             "output": {"name": OUTPUT_NAME, "shape": ["batch", self.num_classes], "kind": "logits"},
-            "preprocess": f"resize shorter side to image_size / crop_pct, center-crop {self.image_size}",
+            "preprocess": f"resize ({self.interpolation}) shorter side to image_size / crop_pct, center-crop "
+                          f"{self.image_size}",
             "model": {"name": self.model_name, "kwargs": self.model_kwargs},
             "source": self.source,
             "mlflow_run_id": self.run_id,
@@ -149,7 +152,7 @@ def _from_config(cfg: JobConfig, state_dict, classes, wnids, source: str, run_id
     return ModelBundle(
         source=source, classes=list(classes), wnids=wnids, image_size=cfg.data.image_size,
         mean=tuple(cfg.data.mean), std=tuple(cfg.data.std), crop_pct=cfg.data.crop_pct,
-        model_name=cfg.model.name, model_kwargs=models.timm_kwargs(cfg),
+        interpolation=cfg.data.interpolation, model_name=cfg.model.name, model_kwargs=models.timm_kwargs(cfg),
         model=models.with_weights(cfg, len(classes), state_dict, source), run_id=run_id, tracking_uri=uri,
         data_path=cfg.data.path,
     )
@@ -179,10 +182,13 @@ def _from_export_dir(root: Path, onnx_path: Path | None = None) -> ModelBundle:
         raise UserError(f"{root}: {ONNX_FILE} without {CLASSES_FILE} (expected a directory from 'vitlab export')")
     try:
         meta = json.loads(meta_file.read_text())
+        if meta.get("interpolation", "bilinear") not in RESAMPLE:
+            raise ValueError(f"interpolation {meta['interpolation']!r}, expected one of {', '.join(RESAMPLE)}")
         return ModelBundle(
             source=str(root), classes=list(meta["classes"]), wnids=meta.get("wnids"),
             image_size=int(meta["image_size"]), mean=tuple(meta["mean"]), std=tuple(meta["std"]),
-            crop_pct=float(meta["crop_pct"]), model_name=(meta.get("model") or {}).get("name"),
+            crop_pct=float(meta["crop_pct"]), interpolation=meta.get("interpolation", "bilinear"),
+            model_name=(meta.get("model") or {}).get("name"),
             model_kwargs=(meta.get("model") or {}).get("kwargs") or {}, onnx_path=onnx_path or root / ONNX_FILE,
             run_id=meta.get("mlflow_run_id"),
         )

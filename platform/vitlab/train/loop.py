@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import random
 import shutil
 import time
 from dataclasses import dataclass
@@ -28,7 +29,15 @@ from vitlab.config import JobConfig
 from vitlab.data.pipeline import normalize_on_device
 from vitlab.tracking import StepLogger
 from vitlab.train import state as ckpt
-from vitlab.train.optim import build_loss, build_mixup, build_optimizer, build_schedule, effective_lr
+from vitlab.train.optim import (
+    batch_augment,
+    build_eraser,
+    build_loss,
+    build_mixup,
+    build_optimizer,
+    build_schedule,
+    effective_lr,
+)
 
 log = logging.getLogger("vitlab.train")
 
@@ -66,7 +75,7 @@ def _autocast(precision: str, device: torch.device):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def train_one_epoch(model, batches, optimizer, schedule, scaler, loss_fn, mixup, cfg: JobConfig, device,
+def train_one_epoch(model, batches, optimizer, schedule, scaler, loss_fn, augment, cfg: JobConfig, device,
                     step: int, epoch: int, logger) -> tuple[dict[str, float], int]:
     """One pass over this worker's shard. Returns (metrics summed over workers, new optimizer step)."""
     model.train()
@@ -81,9 +90,7 @@ def train_one_epoch(model, batches, optimizer, schedule, scaler, loss_fn, mixup,
         wait_s += now - tick
         images = normalize_on_device(batch["image"], cfg.data.mean, cfg.data.std, device, cfg.train.channels_last)
         labels = batch["label"].to(device, non_blocking=True)
-        targets = labels
-        if mixup is not None:
-            images, targets = mixup(images, labels)
+        images, targets = augment(images, labels)  # random erasing, mixup/cutmix
         last_micro = (micro + 1) % accum == 0
         # Under accumulation, skip DDP's gradient all-reduce on all but the last micro-batch.
         sync = contextlib.nullcontext() if last_micro or not hasattr(model, "no_sync") else model.no_sync()
@@ -195,6 +202,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     torch.manual_seed(cfg.train.seed + rank)
     np.random.seed((cfg.train.seed + rank) % 2**32)
+    random.seed(cfg.train.seed + rank)  # timm's RandomErasing draws from Python's random
 
     # -- set up ----------------------------------------------------------------------------------------
     model = models.build(cfg, inputs.num_classes).to(device)
@@ -209,6 +217,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     scaler = torch.amp.GradScaler("cuda") if cfg.train.precision == "fp16" else None
     mixup = build_mixup(cfg.optim, inputs.num_classes)
     loss_fn = build_loss(cfg.optim, mixup)
+    augment = batch_augment(build_eraser(cfg.data, device), mixup)
 
     # -- restore ---------------------------------------------------------------------------------------
     start_epoch, step = 0, 0
@@ -247,7 +256,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 local_shuffle_buffer_size=cfg.data.shuffle_buffer or None,
                 local_shuffle_seed=shuffle_seed if cfg.data.shuffle_buffer else None,
             )
-            train_metrics, step = train_one_epoch(model, batches, optimizer, schedule, scaler, loss_fn, mixup,
+            train_metrics, step = train_one_epoch(model, batches, optimizer, schedule, scaler, loss_fn, augment,
                                                   cfg, device, step, epoch, logger)
             val_metrics, confusion = evaluate(
                 ckpt.unwrap(model), val_shard.iter_torch_batches(batch_size=max(1, eval_batch),

@@ -1,4 +1,5 @@
-"""Optimizer, learning-rate schedule, mixup/cutmix and loss, each built from the JobConfig."""
+"""Optimizer (with layer-wise lr decay), learning-rate schedule, the batch augmentations on the device (random
+erasing, mixup/cutmix) and loss, each built from the JobConfig."""
 
 from __future__ import annotations
 
@@ -7,11 +8,12 @@ from dataclasses import dataclass
 
 import torch
 from timm.data import Mixup
+from timm.data.random_erasing import RandomErasing
 from timm.loss import SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
 from torch import nn
 
-from vitlab.config import OptimConfig
+from vitlab.config import DataConfig, OptimConfig
 
 
 def effective_lr(optim: OptimConfig, global_batch: int) -> float:
@@ -21,10 +23,12 @@ def effective_lr(optim: OptimConfig, global_batch: int) -> float:
 
 def build_optimizer(model: nn.Module, optim: OptimConfig, lr: float) -> torch.optim.Optimizer:
     """AdamW or LAMB through timm: no weight decay on norms, biases (1-d params) and on what the model
-    lists in no_weight_decay() (position embeddings, class/distillation tokens)."""
+    lists in no_weight_decay() (position embeddings, class/distillation tokens). With optim.layer_decay,
+    timm's param_groups_layer_decay gives block i the lr_scale layer_decay ** (depth - i) (the embeddings one
+    more power, the head 1), which the schedule applies."""
     return create_optimizer_v2(
         model, opt=optim.name, lr=lr, weight_decay=optim.weight_decay, betas=tuple(optim.betas),
-        eps=optim.eps, filter_bias_and_bn=True,
+        eps=optim.eps, filter_bias_and_bn=True, layer_decay=optim.layer_decay,
     )
 
 
@@ -70,6 +74,27 @@ def build_mixup(optim: OptimConfig, num_classes: int):
         mixup_alpha=optim.mixup, cutmix_alpha=optim.cutmix, prob=optim.mixup_prob,
         switch_prob=optim.mixup_switch_prob, label_smoothing=optim.label_smoothing, num_classes=num_classes,
     )
+
+
+def build_eraser(data: DataConfig, device: torch.device) -> RandomErasing | None:
+    """timm's RandomErasing on normalised NCHW batches (in place, per image), or None when data.reprob is 0."""
+    if data.reprob <= 0:
+        return None
+    return RandomErasing(probability=data.reprob, mode=data.remode, max_count=data.recount, device=str(device))
+
+
+def batch_augment(eraser: RandomErasing | None, mixup: Mixup | None):
+    """(images, labels) -> (images, targets): random erasing, then mixup/cutmix (DeiT's order: erasing is a
+    per-image transform, mixup mixes the erased images)."""
+
+    def augment(images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if eraser is not None:
+            images = eraser(images)
+        if mixup is not None:
+            return mixup(images, labels)
+        return images, labels
+
+    return augment
 
 
 def build_loss(optim: OptimConfig, mixup) -> nn.Module:
