@@ -119,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("--address", help=address_help)
     sm.add_argument("--no-wait", action="store_true", help="print the job id and return at once")
     sm.add_argument("--working-dir", default=".", help="uploaded as the job's working directory, without data, "
-                    "runs, MLflow stores, .venv, .git (default: .)")
+                    "runs, MLflow stores, .venv, .git and secret files (default: .)")
     sm.add_argument("--include", action="append", metavar="PATH", help="upload this secret-looking file or "
                     "folder of the working dir after all (.env, *.pem, .aws/, ...: left out by default; repeatable)")
     sm.add_argument("--tracking-uri", help="MLFLOW_TRACKING_URI of the job (default: the cluster's own)")

@@ -25,14 +25,14 @@ from vitlab.config import JobConfig
 from vitlab.data.manifest import Manifest
 from vitlab.errors import UserError
 from vitlab.redact import redact, redact_all
-from vitlab.train.storage import run_dir
+from vitlab.train.storage import first_line, run_dir
 
 log = logging.getLogger(__name__)
 
 RUN_KEY_TAG = "vitlab.run_key"
 DEFAULT_DB = "mlflow.db"
 DEFAULT_ARTIFACTS = "mlartifacts"
-# While training runs, a call to a server that is down gives up after ~3 s, not MLflow's default of minutes
+# While training runs, a call to a server that is down gives up after ~2 s, not MLflow's default of minutes
 # (7 retries with exponential backoff): the epoch waits in the outbox instead of holding up training.
 QUICK_RETRIES = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
                  "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
@@ -217,8 +217,8 @@ class StepLogger:
             with quick_retries():
                 log_metrics(self.client, self.run_id, self.pending)
         except unreachable_errors() as e:
-            log.warning("MLflow unreachable (%s): %d step metrics kept for the next epoch", redact(str(e))[:200],
-                        len(self.pending))
+            log.warning("MLflow unreachable (%s): %d step metrics kept for the next epoch",
+                        redact(first_line(e)), len(self.pending))
             return
         self.pending.clear()
 

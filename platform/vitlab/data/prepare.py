@@ -210,13 +210,11 @@ def _check_out(source: str, out: str, overwrite: bool) -> None:
         return
     if not overwrite:
         raise UserError(f"{out}: output already exists (pass --overwrite to replace it)")
-    if not final.is_dir() or not (final / MANIFEST).is_file():
-        raise UserError(f"{out}: --overwrite refused: not a dataset vitlab prepared (no {MANIFEST}); "
-                        "choose a new --out or remove it yourself")
     try:
         load_manifest(str(final))
     except UserError as e:
-        raise UserError(f"--overwrite refused: {e}") from None
+        raise UserError(f"{out}: --overwrite refused: not a dataset vitlab prepared ({e}); choose a new --out "
+                        "or remove it yourself") from None
     if source != "digits" and not storage.is_uri(source):
         src = Path(source).resolve()
         if src == final or final in src.parents:

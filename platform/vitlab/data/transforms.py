@@ -20,8 +20,6 @@ Box = tuple[float, float, float, float]
 # The formats vitlab reads (what image datasets hold). PIL would otherwise try each of its ~40 parsers on
 # any bytes it is given; every one is attack surface, and none of the others is an image dataset's format.
 READ_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
-
-
 RESAMPLE = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}  # data.interpolation -> PIL
 
 
