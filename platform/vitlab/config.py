@@ -44,6 +44,10 @@ class DataConfig(Section):
     reprob: float = Field(0.0, ge=0.0, le=1.0)
     remode: Literal["pixel", "rand", "const"] = "pixel"
     recount: int = Field(1, ge=1)
+    # Repeated augmentation (DeiT's RASampler): each image of an epoch appears this many times, each copy with
+    # its own crop and flip and on another worker. An epoch still holds train-rows images, so it covers
+    # 1/repeated_aug of the distinct images (a different share every epoch).
+    repeated_aug: int = Field(1, ge=1)
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     # Rows of a shuffle buffer applied when batches are taken from the stream (0 = off; costs throughput).
@@ -68,6 +72,11 @@ class ModelConfig(Section):
     name: str = "vit_tiny_patch16_224"
     # Passed to timm.create_model as is (img_size, patch_size, embed_dim, depth, num_heads, ...).
     kwargs: dict[str, Any] = Field(default_factory=dict)
+    # Start from these weights (fine-tuning): a timm state_dict file, a vitlab best_model.pt, checkpoint_*
+    # directory or run directory, local or s3://, or an MLflow model URI. Weights only: optimizer and schedule
+    # start fresh; the head is reset when the class count differs, the position embeddings resampled when the
+    # patch grid does. Model-hub names are refused: nothing is downloaded at run time.
+    init_from: str | None = None
 
 
 class OptimConfig(Section):
@@ -103,6 +112,10 @@ class TrainConfig(Section):
     log_every_steps: int = Field(50, ge=1)
     # Batch size for evaluation, global (defaults to train.batch_size).
     eval_batch_size: int | None = Field(None, ge=1)
+    # Model EMA (timm's ModelEmaV3), updated after every optimizer step; 0 = off. With ema_warmup the decay
+    # ramps up as 1 - (1 + step) ** -2/3, capped at ema_decay (early steps average over few updates).
+    ema_decay: float = Field(0.0, ge=0.0, lt=1.0)
+    ema_warmup: bool = False
 
 
 class ScalingSection(Section):
@@ -129,6 +142,9 @@ class RunSection(Section):
     checkpoint_every: int = Field(1, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
     max_failures: int = Field(0, ge=-1)
+    # Which weights become best_model.pt (and which metric ranks the kept checkpoints): the live weights'
+    # val_top1, or the EMA weights' val_top1_ema (needs train.ema_decay > 0).
+    best_by: Literal["val_top1", "val_top1_ema"] = "val_top1"
 
     @field_validator("name")
     @classmethod
@@ -155,6 +171,12 @@ class JobConfig(Section):
                 f"train.batch_size={self.train.batch_size} is the global batch and must divide evenly "
                 f"over scaling.num_workers={self.scaling.num_workers}"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _ema_for_best_by(self) -> JobConfig:
+        if self.run.best_by == "val_top1_ema" and not self.train.ema_decay:
+            raise ValueError("run.best_by=val_top1_ema needs model EMA: set train.ema_decay (e.g. 0.9998)")
         return self
 
     def to_dict(self) -> dict[str, Any]:

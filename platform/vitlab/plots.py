@@ -22,6 +22,7 @@ LEARNING_CURVES = (  # metric key, panel, label
     ("train_top1", 1, "train top-1"),
     ("val_top1", 1, "val top-1"),
     ("val_top5", 1, "val top-5"),
+    ("val_top1_ema", 1, "val top-1, EMA weights"),  # with train.ema_decay
 )
 
 

@@ -38,6 +38,13 @@ QUICK_RETRIES = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BA
                  "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
 
 
+MODEL_URI_SCHEMES = ("runs:/", "models:/")  # an MLflow model: runs:/<id>/model, models:/<name>@<alias>
+
+
+def is_mlflow_uri(spec: str) -> bool:
+    return spec.startswith(MODEL_URI_SCHEMES)
+
+
 def resolve_tracking_uri(uri: str | None) -> str:
     """tracking.uri, else $MLFLOW_TRACKING_URI, else a sqlite file in the working directory."""
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI")

@@ -95,6 +95,26 @@ def _text_as_model(t: Path) -> list:
     return ["export", t / "notes.txt", "--out", t / "out"]
 
 
+def _finetune_job(t: Path, init_from: str) -> list:
+    """A train command that passes every other check (a digits-shaped manifest, a tracking store outside
+    tmp_path) and fails on model.init_from, before Ray starts."""
+    split = {"rows": 1000, "shards": []}
+    d = _manifest(t / "ds", {"classes": list("0123456789"), "splits": {"train": split, "val": split}})
+    return ["train", JOB, *TINY, f"data.path={d}", f"model.init_from={init_from}",
+            f"run.storage_path={t / 'runs'}", f"tracking.uri=sqlite:///{t.parent / (t.name + '-mlflow.db')}"]
+
+
+def _init_from_another_architecture(t: Path) -> list:
+    import torch
+
+    from vitlab.model import create_model
+
+    other = create_model("vit_tiny_patch16_224", 10, {"img_size": 16, "patch_size": 4, "embed_dim": 32,
+                                                      "depth": 2, "num_heads": 2, "mlp_ratio": 2.0})
+    torch.save(other.state_dict(), t / "deeper.pt")
+    return _finetune_job(t, str(t / "deeper.pt"))
+
+
 # (name, setup(tmp_path) -> argv, the message) -- each is exit 2, one line, no traceback
 BAD_INPUT = [
     ("non-UTF-8 job file", _non_utf8_job, "job.yaml: not UTF-8 text"),
@@ -110,6 +130,10 @@ BAD_INPUT = [
     ("--overwrite of SOURCE", _overwrite_source, "--overwrite refused: it is or contains SOURCE"),
     ("--overwrite of SOURCE's parent", _overwrite_parent_of_source, "--overwrite refused: it is or contains SOURCE"),
     ("--overwrite of a folder vitlab did not write", _overwrite_user_folder, "not a dataset vitlab prepared"),
+    ("model.init_from a hub name", lambda t: _finetune_job(t, "hf-hub:timm/vit_tiny_patch16_224"),
+     "is a model-hub name; vitlab downloads nothing at run time"),
+    ("model.init_from another architecture", _init_from_another_architecture,
+     "unexpected key 'blocks.1.norm1.weight' in the weights"),
     ("override after an option, misspelt", lambda t: ["sweep", JOB, _space(t, "params:\n  optim.lr: {choice: "
                                                                              "[0.1]}\n"), "--num-samples", "2",
                                                        "optim.lrr=1"], "did you mean optim.lr"),

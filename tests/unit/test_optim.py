@@ -91,3 +91,41 @@ def test_random_erasing_changes_only_the_erased_rectangles_in_the_configured_sha
         box = mask[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
         assert box.all() and mask.sum() == box.numel()  # one filled rectangle, nothing outside it
     assert build_eraser(DataConfig(), torch.device("cpu")) is None
+
+
+def test_ema_follows_the_live_weights_and_survives_a_checkpoint_bit_for_bit():
+    from timm.utils import ModelEmaV3
+
+    from vitlab.config import JobConfig
+    from vitlab.train import state
+    from vitlab.train.loop import _build_ema
+
+    torch.manual_seed(0)
+    model = create_model("vit_tiny_patch16_224", 10, TINY)
+    cfg = JobConfig.model_validate({"train": {"ema_decay": 0.9}})
+    ema = _build_ema(cfg, model, None, 0)
+    assert isinstance(ema, ModelEmaV3) and ema.decay == 0.9
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    for step in range(1, 4):
+        model(torch.randn(4, 3, 16, 16)).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+        ema.update(model, step=step)
+    live, averaged = model.state_dict(), ema.module.state_dict()
+    assert not torch.equal(live["blocks.0.attn.qkv.weight"], averaged["blocks.0.attn.qkv.weight"])
+    # after step 1 (decay 0) the EMA is the weights; then it moves 10% of the way each step
+    out = state.write_checkpoint_dir(model=model, ema=ema, optimizer=opt, scaler=None, epoch=1, step=3,
+                                     config_yaml=cfg.to_yaml(), metrics={}, rng_states=[], confusion=None)
+    saved = state.load_state(out)
+    restored = _build_ema(cfg, create_model("vit_tiny_patch16_224", 10, TINY), saved, 0)
+    for key, value in averaged.items():
+        assert torch.equal(restored.module.state_dict()[key], value), key
+    assert _build_ema(JobConfig(), model, saved, 0) is None  # ema_decay 0: off
+
+
+def test_best_by_ema_needs_ema():
+    from vitlab.config import JobConfig
+    from vitlab.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="run.best_by=val_top1_ema needs model EMA"):
+        JobConfig.from_raw({"run": {"best_by": "val_top1_ema"}}, "job.yaml")

@@ -32,6 +32,10 @@ class Manifest:
     def rows(self, split: str) -> int:
         return int(self.data["splits"][split]["rows"])
 
+    def shard_rows(self, split: str) -> list[int]:
+        """Rows of each of the split's shards, in manifest order."""
+        return [int(s["rows"]) for s in self.data["splits"][split]["shards"]]
+
     def files(self, split: str) -> list[str]:
         """Absolute paths (or URIs) of the split's shards, in manifest order."""
         return [storage.join(self.root, s["file"]) for s in self.data["splits"][split]["shards"]]

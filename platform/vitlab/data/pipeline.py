@@ -13,6 +13,13 @@ Shape of the pipeline, chosen for throughput on few cores:
 
 The epoch comes from an int (tests, benchmarks) or from an ``EpochClock`` actor that the training loop
 advances, since Ray Train re-executes the same dataset every epoch.
+
+Repeated augmentation (``data.repeated_aug = k > 1``, DeiT's RASampler) needs to place rows: the k copies of
+an image must reach k different workers, which a shared stream split by Ray cannot promise. So each worker
+gets a stream of its own (``train_datasets``): the epoch's image sequence is the shuffled shards' shuffled
+rows, its first ceil(rows / k) images are each repeated k times, and worker r takes the positions r, r + W,
+r + 2W, ... of that list (W workers), rows // W of them, as RASampler does. Consecutive copies of one image
+land on consecutive workers. A worker reads only the shards that hold its positions.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ import pyarrow.parquet as pq
 from vitlab.config import DataConfig
 from vitlab.data.manifest import Manifest
 from vitlab.data.transforms import build_randaugment, decode_train, decode_val, row_rng
+from vitlab.errors import UserError
 
 EpochSource = Any  # int, or an EpochClock actor handle
 
@@ -72,23 +80,44 @@ def _blocks(n: int, block_rows: int) -> Iterator[slice]:
         yield slice(start, min(n, start + block_rows))
 
 
+def epoch_positions(start: int, rows: int, repeats: int, rank: int | None, world: int, total: int):
+    """Which copies of a shard's rows one worker trains on this epoch: (row offsets into the shard's epoch
+    order, repeat indices). The shard holds images start .. start+rows-1 of the epoch's sequence of ``total``
+    images; ``rank`` None means every row once (the shared stream, split by Ray)."""
+    if rank is None:
+        return np.arange(rows), np.zeros(rows, dtype=np.int64)
+    low, high = start * repeats, min((start + rows) * repeats, (total // world) * world)
+    first = low + (rank - low) % world
+    positions = np.arange(first, max(first, high), world)
+    return positions // repeats - start, positions % repeats
+
+
 def _decode_train_shards(
-    batch: dict[str, np.ndarray], files: list[str], data: DataConfig, seed: int, epoch: EpochSource
+    batch: dict[str, np.ndarray], files: list[str], shard_rows: list[int], data: DataConfig, seed: int,
+    epoch: EpochSource, rank: int | None = None, world: int = 1,
 ) -> Iterator[dict[str, np.ndarray]]:
     epoch_n = _current_epoch(epoch)
     order = np.random.default_rng([seed & 0xFFFFFFFF, epoch_n]).permutation(len(files))
+    starts = np.concatenate([[0], np.cumsum([shard_rows[s] for s in order])])  # of each shard, in epoch order
     augment = build_randaugment(data.randaugment, data.image_size, data.mean)
     size = data.image_size
     for idx in batch["shard"]:
         shard = int(order[int(idx)])
+        offsets, repeats = epoch_positions(int(starts[int(idx)]), shard_rows[shard], data.repeated_aug, rank,
+                                           world, int(starts[-1]))
+        if not len(offsets):
+            continue  # none of this worker's positions: the shard is not read
         table = _read_shard(files[shard])
-        rows = np.random.default_rng([seed & 0xFFFFFFFF, epoch_n, shard]).permutation(table.num_rows)
+        if table.num_rows != shard_rows[shard]:
+            raise UserError(f"{files[shard]}: {table.num_rows} rows, the manifest says {shard_rows[shard]} "
+                            "(the dataset changed after it was prepared; prepare it again)")
+        rows = np.random.default_rng([seed & 0xFFFFFFFF, epoch_n, shard]).permutation(table.num_rows)[offsets]
         images, labels, keys = (table.column(c).to_pylist() for c in ("image", "label", "key"))
         for part in _blocks(len(rows), data.block_rows):
-            take = rows[part]
+            take, copy = rows[part], repeats[part]
             out = np.empty((len(take), size, size, 3), dtype=np.uint8)
-            for j, r in enumerate(take):
-                rng = row_rng(seed, epoch_n, keys[r])
+            for j, (r, k) in enumerate(zip(take, copy, strict=True)):
+                rng = row_rng(seed, epoch_n, keys[r], int(k))
                 out[j] = decode_train(images[r], size, rng, data.scale, data.ratio, data.hflip, augment,
                                       data.interpolation)
             yield {"image": out, "label": np.asarray([labels[r] for r in take], dtype=np.int64)}
@@ -115,17 +144,31 @@ def _shard_indices(n: int, deterministic: bool):
     return ds
 
 
-def train_dataset(manifest: Manifest, data: DataConfig, seed: int = 0, epoch: EpochSource = 0):
-    """The train split: RandomResizedCrop + flip (+ RandAugment), reshuffled per epoch. Each decode task
-    reserves data.decode_cpus."""
+def train_dataset(manifest: Manifest, data: DataConfig, seed: int = 0, epoch: EpochSource = 0,
+                  rank: int | None = None, world: int = 1):
+    """The train split: RandomResizedCrop + flip (+ RandAugment), reshuffled per epoch; with ``rank``, the one
+    worker's stream of repeated augmentation. Each decode task reserves data.decode_cpus."""
     files = manifest.files("train")
     ds = _shard_indices(len(files), data.deterministic)
     return ds.map_batches(
         _decode_train_shards,
         batch_size=1,
         num_cpus=data.decode_cpus,
-        fn_kwargs={"files": files, "data": data, "seed": seed, "epoch": epoch},
+        fn_kwargs={"files": files, "shard_rows": manifest.shard_rows("train"), "data": data, "seed": seed,
+                   "epoch": epoch, "rank": rank, "world": world},
     )
+
+
+def train_key(data: DataConfig, rank: int) -> str:
+    """The name of the train dataset a worker reads: one shared stream, or its own under repeated_aug."""
+    return "train" if data.repeated_aug == 1 else f"train_{rank}"
+
+
+def train_datasets(manifest: Manifest, data: DataConfig, seed: int, epoch: EpochSource, world: int):
+    """The trainer's train datasets by name (see ``train_key``)."""
+    if data.repeated_aug == 1:
+        return {"train": train_dataset(manifest, data, seed, epoch)}
+    return {train_key(data, r): train_dataset(manifest, data, seed, epoch, r, world) for r in range(world)}
 
 
 def val_dataset(manifest: Manifest, data: DataConfig):

@@ -116,10 +116,12 @@ def decode_val(data: bytes, size: int, crop_pct: float = 0.875, interpolation: s
     return np.asarray(img.resize((size, size), RESAMPLE[interpolation], box=box), dtype=np.uint8)
 
 
-def row_rng(seed: int, epoch: int, key: str) -> np.random.Generator:
-    """The augmentation RNG of one image in one epoch: a function of (seed, epoch, key) only, so the same
-    image gets the same crop in two runs whichever task or worker happens to decode it."""
-    return np.random.default_rng([seed & 0xFFFFFFFF, epoch, hash_key(key)])
+def row_rng(seed: int, epoch: int, key: str, repeat: int = 0) -> np.random.Generator:
+    """The augmentation RNG of one copy of an image in one epoch: a function of (seed, epoch, key, repeat)
+    only, so the same image gets the same crop in two runs whichever task or worker happens to decode it.
+    Copy 0 is seeded as without repeated augmentation."""
+    words = [seed & 0xFFFFFFFF, epoch, hash_key(key)] + ([repeat] if repeat else [])
+    return np.random.default_rng(words)
 
 
 def hash_key(key: str) -> int:

@@ -40,7 +40,6 @@ ONNX_FILE = "model.onnx"
 CLASSES_FILE = "classes.json"
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
-MLFLOW_SCHEMES = ("runs:/", "models:/")
 
 
 @dataclass
@@ -98,13 +97,9 @@ class ModelBundle:
         }
 
 
-def is_mlflow_uri(spec: str) -> bool:
-    return spec.startswith(MLFLOW_SCHEMES)
-
-
 def load_bundle(spec: str, tracking_uri: str | None = None) -> ModelBundle:
     """A ModelBundle from a model file, checkpoint, run directory, export directory or MLflow model URI."""
-    if is_mlflow_uri(spec):
+    if tracking.is_mlflow_uri(spec):
         return _from_mlflow(spec, tracking_uri)
     path = Path(spec)
     if path.is_dir():
@@ -168,10 +163,13 @@ def _from_torch_file(path: Path, source: str) -> ModelBundle:
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:
         raise UserError(f"{source}: not a PyTorch model file ({str(e).splitlines()[0][:200]})") from None
-    weights = obj.get("model") if isinstance(obj, dict) and isinstance(obj.get("model"), dict) else obj
+    cfg = _config_beside(path)
+    # a checkpoint's weights as best_model.pt would take them: the EMA's under run.best_by=val_top1_ema
+    key = "model_ema" if cfg.run.best_by == "val_top1_ema" and isinstance(obj, dict) and obj.get("model_ema") \
+        else "model"
+    weights = obj.get(key) if isinstance(obj, dict) and isinstance(obj.get(key), dict) else obj
     if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
         raise UserError(f"{source}: expected a state_dict (best_model.pt) or a checkpoint (state.pt)")
-    cfg = _config_beside(path)
     classes, wnids = _classes_from_manifest(cfg.data.path)
     return _from_config(cfg, weights, classes, wnids, source)
 

@@ -18,8 +18,17 @@ class ExactValDataConfig(ray.train.DataConfig):
 
     def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
         # Ray Train 2.60 calls this once per dataset, when a worker first asks for its shard.
-        others = {k: v for k, v in datasets.items() if k != "val"}
+        own = {k: v for k, v in datasets.items() if k not in ("train", "val")}  # one worker's train stream
+        others = {k: v for k, v in datasets.items() if k not in own and k != "val"}
         output = super().configure(others, world_size, worker_handles, worker_node_ids, **kwargs)
+        for name, ds in own.items():
+            # A split of one: its executor runs in a coordinator actor, as for "train", not inside the Train
+            # worker (a plain iterator would run Ray Data's scheduling loop in the training process).
+            ds = ds.copy(ds)
+            ds.context.execution_options = self._resolve_execution_options(name)
+            split = ds.streaming_split(1, equal=True)[0]
+            for i in range(world_size):
+                output[i][name] = split
         if "val" in datasets:
             val = datasets["val"].copy(datasets["val"])
             val.context.execution_options = self._resolve_execution_options("val")
@@ -29,7 +38,12 @@ class ExactValDataConfig(ray.train.DataConfig):
         return output
 
 
-def dataset_config(cfg: JobConfig) -> ExactValDataConfig:
+def dataset_config(cfg: JobConfig, train_names: list[str]) -> ExactValDataConfig:
+    """``train_names``: the one shared "train" stream, split equally; or under data.repeated_aug one dataset
+    per worker (train_0, train_1, ...), which is not split: each worker takes its own whole."""
     options = ray.train.DataConfig.default_ingest_options()
     options.preserve_order = cfg.data.deterministic
-    return ExactValDataConfig(execution_options={"train": options, "val": ExecutionOptions(preserve_order=True)})
+    return ExactValDataConfig(
+        datasets_to_split=["train", "val"],
+        execution_options={**dict.fromkeys(train_names, options), "val": ExecutionOptions(preserve_order=True)},
+    )

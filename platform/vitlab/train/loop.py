@@ -23,10 +23,11 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from timm.utils import ModelEmaV3
 
 from vitlab import model as models
 from vitlab.config import JobConfig
-from vitlab.data.pipeline import normalize_on_device
+from vitlab.data.pipeline import normalize_on_device, train_key
 from vitlab.tracking import StepLogger
 from vitlab.train import state as ckpt
 from vitlab.train.optim import (
@@ -59,6 +60,7 @@ class LoopInputs:
     run_id: str | None
     resume_from: str | None  # --resume-from, used when the run has no checkpoint of its own
     epoch_clock: Any  # EpochClock actor handle
+    init_weights: Any = None  # ObjectRef of model.init_from's adapted state_dict (fresh runs start from it)
 
 
 def _all_reduce_sum(values: list[float], device) -> list[float]:
@@ -75,9 +77,10 @@ def _autocast(precision: str, device: torch.device):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def train_one_epoch(model, batches, optimizer, schedule, scaler, loss_fn, augment, cfg: JobConfig, device,
+def train_one_epoch(model, batches, optimizer, schedule, scaler, loss_fn, augment, ema, cfg: JobConfig, device,
                     step: int, epoch: int, logger) -> tuple[dict[str, float], int]:
-    """One pass over this worker's shard. Returns (metrics summed over workers, new optimizer step)."""
+    """One pass over this worker's shard; ``ema`` (or None) follows every optimizer step. Returns (metrics
+    summed over workers, new optimizer step)."""
     model.train()
     accum = cfg.optim.accum_steps
     loss_sum = correct = seen = 0.0
@@ -119,6 +122,8 @@ def train_one_epoch(model, batches, optimizer, schedule, scaler, loss_fn, augmen
                 optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
+            if ema is not None:
+                ema.update(ckpt.unwrap(model), step=step)
             lr = schedule.apply(optimizer, step)
             if logger is not None and step % cfg.train.log_every_steps == 0:
                 logger.add({"train_loss_step": loss_value, "lr_step": lr}, step)
@@ -146,32 +151,41 @@ def train_one_epoch(model, batches, optimizer, schedule, scaler, loss_fn, augmen
 
 
 @torch.no_grad()
-def evaluate(model, batches, cfg: JobConfig, device, num_classes: int) -> tuple[dict[str, float], Any]:
-    """Val loss, top-1 and top-5 from counts summed over workers: exact whatever the shard sizes."""
-    model.eval()
-    loss_sum = top1 = top5 = seen = 0.0
+def evaluate(models: dict[str, Any], batches, cfg: JobConfig, device, num_classes: int,
+             confusion_of: str = "") -> tuple[dict[str, float], Any]:
+    """Val loss, top-1 and top-5 of each model on the same batches (decoded once), from counts summed over
+    workers: exact whatever the shard sizes. ``models`` maps a metric suffix to a model ("" for the live
+    weights, "_ema" for the EMA); the confusion matrix is the one of ``models[confusion_of]``."""
+    for m in models.values():
+        m.eval()
+    k = min(5, num_classes)
+    sums = {suffix: [0.0, 0.0, 0.0] for suffix in models}  # loss, top-1, top-5
+    seen = 0.0
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.float64, device=device) \
         if num_classes <= MAX_CONFUSION_CLASSES else None
-    k = min(5, num_classes)
     for batch in batches:
         images = normalize_on_device(batch["image"], cfg.data.mean, cfg.data.std, device, cfg.train.channels_last)
         labels = batch["label"].to(device)
-        with _autocast(cfg.train.precision, device):
-            logits = model(images)
-        logits = logits.float()
-        loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
-        topk = logits.topk(k, dim=1).indices
-        top1 += (topk[:, 0] == labels).sum().item()
-        top5 += (topk == labels[:, None]).any(dim=1).sum().item()
         seen += labels.shape[0]
-        if confusion is not None:
-            idx = labels * num_classes + topk[:, 0]
-            confusion += torch.bincount(idx, minlength=num_classes**2).view(num_classes, num_classes).double()
-    loss_sum, top1, top5, seen = _all_reduce_sum([loss_sum, top1, top5, seen], device)
+        for suffix, m in models.items():
+            with _autocast(cfg.train.precision, device):
+                logits = m(images)
+            logits = logits.float()
+            topk = logits.topk(k, dim=1).indices
+            sums[suffix][0] += F.cross_entropy(logits, labels, reduction="sum").item()
+            sums[suffix][1] += (topk[:, 0] == labels).sum().item()
+            sums[suffix][2] += (topk == labels[:, None]).any(dim=1).sum().item()
+            if confusion is not None and suffix == confusion_of:
+                idx = labels * num_classes + topk[:, 0]
+                confusion += torch.bincount(idx, minlength=num_classes**2).view(num_classes, num_classes).double()
+    totals = _all_reduce_sum([seen, *(v for suffix in models for v in sums[suffix])], device)
+    seen, values = max(1.0, totals[0]), iter(totals[1:])
     if confusion is not None and dist.is_initialized():
         dist.all_reduce(confusion, op=dist.ReduceOp.SUM)
-    metrics = {"val_loss": loss_sum / max(1, seen), "val_top1": top1 / max(1, seen),
-               "val_top5": top5 / max(1, seen), "val_images": seen}
+    metrics = {"val_images": totals[0]}
+    for suffix in models:
+        for name in ("val_loss", "val_top1", "val_top5"):
+            metrics[name + suffix] = next(values) / seen
     return metrics, (confusion.cpu().numpy().astype(np.int64) if confusion is not None else None)
 
 
@@ -182,6 +196,21 @@ def _gather_rng() -> list[dict[str, Any]]:
         dist.all_gather_object(gathered, states[0])
         return gathered
     return states
+
+
+def _build_ema(cfg: JobConfig, model, saved: dict[str, Any] | None, rank: int):
+    """timm's ModelEmaV3 of the (DDP-synchronised) weights, or None when train.ema_decay is 0; a restored run
+    takes the EMA weights its checkpoint holds."""
+    if not cfg.train.ema_decay:
+        return None
+    ema = ModelEmaV3(model, decay=cfg.train.ema_decay, use_warmup=cfg.train.ema_warmup)
+    if saved is not None and saved.get("model_ema") is not None:
+        ema.module.load_state_dict(saved["model_ema"])
+        if rank == 0:
+            log.warning("EMA weights restored (epoch %d done)", int(saved["epoch"]))
+    elif saved is not None and rank == 0:
+        log.warning("the restored checkpoint holds no EMA weights: the EMA starts from the restored weights")
+    return ema
 
 
 def _restore_point(inputs: LoopInputs):
@@ -219,8 +248,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     loss_fn = build_loss(cfg.optim, mixup)
     augment = batch_augment(build_eraser(cfg.data, device), mixup)
 
-    # -- restore ---------------------------------------------------------------------------------------
-    start_epoch, step = 0, 0
+    # -- restore (or start from model.init_from) ----------------------------------------------------------
+    start_epoch, step, saved = 0, 0, None
     checkpoint, origin = _restore_point(inputs)
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
@@ -230,9 +259,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if rank == 0:
             log.warning("restored from %s: epoch %d done, continuing at epoch %d (step %d)",
                         origin, start_epoch, start_epoch + 1, step)
+    elif inputs.init_weights is not None:
+        model.load_state_dict(ray.get(inputs.init_weights), strict=True)  # adapted and checked by the driver
     schedule.apply(optimizer, step)
 
     model = ray.train.torch.prepare_model(model)
+    ema = _build_ema(cfg, ckpt.unwrap(model), saved, rank)
     if cfg.train.compile:
         model = torch.compile(model)
     logger = None
@@ -243,7 +275,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if dist.is_initialized():
         dist.barrier()  # every worker starts reading only once the epoch clock is set
 
-    train_shard = ray.train.get_dataset_shard("train")
+    train_shard = ray.train.get_dataset_shard(train_key(cfg.data, rank))
     val_shard = ray.train.get_dataset_shard("val")
     eval_batch = (cfg.train.eval_batch_size or global_batch) // world
 
@@ -257,11 +289,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 local_shuffle_seed=shuffle_seed if cfg.data.shuffle_buffer else None,
             )
             train_metrics, step = train_one_epoch(model, batches, optimizer, schedule, scaler, loss_fn, augment,
-                                                  cfg, device, step, epoch, logger)
+                                                  ema, cfg, device, step, epoch, logger)
+            evaluated = {"": ckpt.unwrap(model), **({"_ema": ema.module} if ema is not None else {})}
             val_metrics, confusion = evaluate(
-                ckpt.unwrap(model), val_shard.iter_torch_batches(batch_size=max(1, eval_batch),
-                                                               prefetch_batches=cfg.data.prefetch_batches),
-                cfg, device, inputs.num_classes,
+                evaluated, val_shard.iter_torch_batches(batch_size=max(1, eval_batch),
+                                                        prefetch_batches=cfg.data.prefetch_batches),
+                cfg, device, inputs.num_classes, confusion_of=cfg.run.best_by.removeprefix("val_top1"),
             )
             done = epoch + 1
             metrics = {"epoch": done, "step": step, **train_metrics, **val_metrics}
@@ -277,7 +310,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 )
                 if save:
                     checkpoint_dir = ckpt.write_checkpoint_dir(
-                        model=model, optimizer=optimizer, scaler=scaler, epoch=done, step=step,
+                        model=model, ema=ema, optimizer=optimizer, scaler=scaler, epoch=done, step=step,
                         config_yaml=cfg.to_yaml(), metrics=metrics, rng_states=rng_states, confusion=confusion,
                     )
                     checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint_dir))

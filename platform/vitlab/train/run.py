@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import ray
 import torch
 
 from vitlab import model as models
@@ -26,6 +27,7 @@ from vitlab.errors import UserError
 from vitlab.redact import redact, redact_all
 from vitlab.train import state, storage
 from vitlab.train.callbacks import EpochMetricsCallback
+from vitlab.train.init_from import InitWeights, load_init_weights
 from vitlab.train.loop import LoopInputs
 from vitlab.train.outbox import Outbox, deliver, format_epochs
 from vitlab.train.preflight import Checked, preflight
@@ -42,8 +44,9 @@ class TrainingError(RuntimeError):
 class TrainOutcome:
     """What --output-json writes (see docs/training.md)."""
 
-    val_top1: float
+    val_top1: float  # of best_model.pt's weights: the live ones, or the EMA under run.best_by=val_top1_ema
     val_top5: float
+    best_by: str
     epochs: int
     mlflow_run_id: str
     tracking_uri: str
@@ -76,16 +79,20 @@ def train(cfg: JobConfig, resume_from: str | None = None, parent_run_id: str | N
         raise UserError(f"--resume-from {resume_from}: not a vitlab checkpoint (no {state.STATE_FILE})")
     checked = checked or preflight(cfg)
     manifest, uri = checked.manifest, checked.tracking_uri
-    connect()
     run_dir = storage.run_dir(cfg)
+    has_checkpoints = storage.has_checkpoints(run_dir)
+    # model.init_from starts a fresh run only: a resumed run continues from its own checkpoint
+    init = _init_weights(cfg, manifest, uri) if not (resume_from or has_checkpoints) else None
+    connect()
     run_id, resumed = tracking.start_run(uri, cfg.tracking.experiment, tracking_key or run_dir, cfg.run.name,
-                                         cfg.flat(), tracking.run_tags(cfg, manifest), parent_run_id,
-                                         resume=tracking_key is not None or storage.has_checkpoints(run_dir))
+                                         cfg.flat(), {**tracking.run_tags(cfg, manifest), **_lineage(init)},
+                                         parent_run_id, resume=tracking_key is not None or has_checkpoints)
     log.info("MLflow run %s (%s) at %s", run_id, "resumed" if resumed else "new", redact(uri))
     outbox = Outbox(run_dir)
     deliver(uri, run_id, outbox)  # epochs an earlier start of this run could not send
     inputs = LoopInputs(num_classes=manifest.num_classes, train_rows=manifest.rows("train"), tracking_uri=uri,
-                        run_id=run_id, resume_from=resume_from, epoch_clock=start_epoch_clock())
+                        run_id=run_id, resume_from=resume_from, epoch_clock=start_epoch_clock(),
+                        init_weights=ray.put(init.state_dict) if init else None)
     # The MLflow logger first: a sweep's forwarding callback after it hands the epoch to Tune, whose
     # scheduler may stop the trial at once; by then the epoch is in MLflow.
     trainer = build_trainer(cfg, manifest, inputs, [EpochMetricsCallback(uri, run_id, run_dir),
@@ -100,6 +107,25 @@ def train(cfg: JobConfig, resume_from: str | None = None, parent_run_id: str | N
     if not waiting:  # else the run stays RUNNING: the next `vitlab train` of it sends the epochs and ends it
         _end_run(uri, run_id, "FINISHED")
     return outcome
+
+
+def _init_weights(cfg: JobConfig, manifest: Manifest, uri: str) -> InitWeights | None:
+    """model.init_from's weights, adapted to the job's model and checked here, on the driver: a source that
+    does not fit fails before Ray starts, and the workers receive tensors, not a path they might not reach."""
+    if not cfg.model.init_from:
+        return None
+    init = load_init_weights(cfg.model.init_from, models.build(cfg, manifest.num_classes), uri)
+    log.info("model.init_from %s (sha256 %s): %s", redact(init.source), init.sha256[:12],
+             "; ".join(init.notes) or "every tensor loaded as it is")
+    return init
+
+
+def _lineage(init: InitWeights | None) -> dict[str, str]:
+    """The MLflow tags that say what a fine-tuned run started from."""
+    if init is None:
+        return {}
+    return {"vitlab.init_from": redact(init.source), "vitlab.init_from.sha256": init.sha256,
+            "vitlab.init_from.adapted": "; ".join(init.notes) or "nothing"}
 
 
 def _end_run(uri: str, run_id: str, status: str) -> None:
@@ -120,20 +146,21 @@ def _root_message(e: BaseException) -> str:
     return text.strip().splitlines()[-1] if text.strip() else type(e).__name__
 
 
-def _best(result) -> tuple[Any, dict[str, Any]]:
+def _best(result, best_by: str) -> tuple[Any, dict[str, Any]]:
     candidates = list(result.best_checkpoints or [])
     if not candidates and result.checkpoint is not None:
         candidates = [(result.checkpoint, result.metrics or {})]
     if not candidates:
         raise TrainingError("training finished without a checkpoint")
-    return max(candidates, key=lambda cm: (cm[1].get("val_top1", -1), cm[1].get("epoch", 0)))
+    return max(candidates, key=lambda cm: (cm[1].get(best_by, -1), cm[1].get("epoch", 0)))
 
 
 def finish(cfg: JobConfig, manifest: Manifest, uri: str, run_id: str, result, start: float,
            resumed: bool, log_model: bool = True, waiting: list[int] | None = None) -> TrainOutcome:
     """Write the plain best model beside the run, log the artifacts (not while epochs are ``waiting`` for the
     tracking server), and build the outcome."""
-    best_ckpt, best_metrics = _best(result)
+    best_ckpt, best_metrics = _best(result, cfg.run.best_by)
+    suffix = cfg.run.best_by.removeprefix("val_top1")  # "" (the live weights) or "_ema"
     latest = result.metrics or {}
     # as_directory(): the checkpoint itself on local storage, a downloaded copy when it is in S3 (a cluster)
     if not latest and result.checkpoint is not None:
@@ -142,7 +169,7 @@ def finish(cfg: JobConfig, manifest: Manifest, uri: str, run_id: str, result, st
     with best_ckpt.as_directory() as d:
         saved = state.load_state(d)
         confusion = state.load_confusion(d)
-    model = models.with_weights(cfg, manifest.num_classes, saved["model"], str(best_ckpt.path))
+    model = models.with_weights(cfg, manifest.num_classes, saved["model" + suffix], str(best_ckpt.path))
     model_path = storage.save_torch(model.state_dict(), storage.join(storage.run_dir(cfg), storage.BEST_MODEL_FILE))
     images_per_s = float(latest.get("images_per_s", 0.0))
     if waiting:
@@ -157,8 +184,9 @@ def finish(cfg: JobConfig, manifest: Manifest, uri: str, run_id: str, result, st
             log.warning("MLflow unreachable at the end of the run: artifacts and model not logged (%s)",
                         redact(storage.first_line(e)))
     return TrainOutcome(
-        val_top1=float(best_metrics["val_top1"]),
-        val_top5=float(best_metrics["val_top5"]),
+        val_top1=float(best_metrics["val_top1" + suffix]),
+        val_top5=float(best_metrics["val_top5" + suffix]),
+        best_by=cfg.run.best_by,
         epochs=int(latest.get("epoch", best_metrics.get("epoch", 0))),
         mlflow_run_id=run_id,
         tracking_uri=uri,

@@ -1,4 +1,5 @@
-"""Checkpoint save/restore: model, optimizer, scaler, epoch, step, every rank's RNG states, resolved config.
+"""Checkpoint save/restore: model, EMA weights, optimizer, scaler, epoch, step, every rank's RNG states, the
+resolved config.
 
 A checkpoint is a directory: ``state.pt`` (torch), ``config.yaml`` (the resolved JobConfig), ``metrics.json``
 (the epoch's metrics) and, for at most 100 classes, ``confusion.npy``. Files are written under a temporary
@@ -65,13 +66,14 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def write_checkpoint_dir(
-    *, model, optimizer, scaler, epoch: int, step: int, config_yaml: str, metrics: dict[str, Any],
+    *, model, ema=None, optimizer, scaler, epoch: int, step: int, config_yaml: str, metrics: dict[str, Any],
     rng_states: list[dict[str, Any]], confusion: np.ndarray | None,
 ) -> Path:
     """Write a checkpoint into a new temporary directory and return it (for ray.train.Checkpoint)."""
     out = Path(tempfile.mkdtemp(prefix="vitlab-ckpt-"))
     state = {
         "model": unwrap(model).state_dict(),
+        "model_ema": ema.module.state_dict() if ema is not None else None,  # train.ema_decay's weights
         "optimizer": optimizer.state_dict(),
         "scaler": scaler.state_dict() if scaler is not None else None,
         "epoch": epoch,  # epochs completed
@@ -88,14 +90,17 @@ def write_checkpoint_dir(
     return out
 
 
+def checkpoint_globals() -> list[Any]:
+    """What a state.pt may hold beyond tensors and plain values: numpy's array type, for checkpoints whose
+    numpy RNG state was stored as an array."""
+    return [np.ndarray, np.dtype, np.dtype(np.uint32).__class__, np._core.multiarray._reconstruct]
+
+
 def load_state(checkpoint_dir: str | Path) -> dict[str, Any]:
-    """state.pt through torch's weights-only unpickler: a crafted checkpoint can carry data, never code.
-    Tensors and plain values only; numpy's array type is allowed too, for checkpoints whose numpy RNG state was
-    stored as an array."""
+    """state.pt through torch's weights-only unpickler: a crafted checkpoint can carry data, never code."""
     import torch
 
-    with torch.serialization.safe_globals([np.ndarray, np.dtype, np.dtype(np.uint32).__class__,
-                                           np._core.multiarray._reconstruct]):
+    with torch.serialization.safe_globals(checkpoint_globals()):
         return torch.load(Path(checkpoint_dir) / STATE_FILE, map_location="cpu", weights_only=True)
 
 

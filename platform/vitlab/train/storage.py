@@ -135,7 +135,8 @@ def run_dir(cfg: JobConfig) -> str:
 
 def has_checkpoints(location: str) -> bool:
     """Whether a Train run directory already holds checkpoints (so a run there resumes)."""
-    return any(name.startswith("checkpoint_") for name in list_names(location))
+    return any(name.startswith("checkpoint_") and not name.endswith(".json")  # not Ray's manager snapshot
+               for name in list_names(location))
 
 
 def checkpoint_location(cfg: JobConfig, checkpoint_path: str) -> str:

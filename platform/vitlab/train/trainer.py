@@ -10,7 +10,7 @@ from ray.train.torch import TorchTrainer
 
 from vitlab.config import JobConfig
 from vitlab.data.manifest import Manifest
-from vitlab.data.pipeline import train_dataset, val_dataset
+from vitlab.data.pipeline import train_datasets, val_dataset
 from vitlab.train.ingest import dataset_config
 from vitlab.train.loop import LoopInputs, train_loop_per_worker
 from vitlab.train.storage import storage_root
@@ -21,6 +21,7 @@ def build_trainer(cfg: JobConfig, manifest: Manifest, inputs: LoopInputs, callba
     # Per-operator progress bars from every worker drown the epoch lines; the loop logs throughput itself.
     DataContext.get_current().enable_progress_bars = False
     resources = {"CPU": cfg.scaling.cpus_per_worker}
+    train = train_datasets(manifest, cfg.data, cfg.train.seed, inputs.epoch_clock, cfg.scaling.num_workers)
     if cfg.scaling.use_gpu:
         resources["GPU"] = cfg.scaling.gpus_per_worker
     return TorchTrainer(
@@ -35,16 +36,13 @@ def build_trainer(cfg: JobConfig, manifest: Manifest, inputs: LoopInputs, callba
             name=cfg.run.name,
             storage_path=storage_root(cfg),
             checkpoint_config=ray.train.CheckpointConfig(
-                num_to_keep=cfg.run.keep_checkpoints, checkpoint_score_attribute="val_top1",
+                num_to_keep=cfg.run.keep_checkpoints, checkpoint_score_attribute=cfg.run.best_by,
                 checkpoint_score_order="max",
             ),
             failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
             callbacks=callbacks or None,
             worker_runtime_env={"env_vars": {"PYTHONUNBUFFERED": "1"}},
         ),
-        datasets={
-            "train": train_dataset(manifest, cfg.data, cfg.train.seed, inputs.epoch_clock),
-            "val": val_dataset(manifest, cfg.data),
-        },
-        dataset_config=dataset_config(cfg),
+        datasets={**train, "val": val_dataset(manifest, cfg.data)},
+        dataset_config=dataset_config(cfg, list(train)),
     )
