@@ -77,6 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--seed", type=int, default=0, help="seed for the val split and shard shuffling")
     prep.set_defaults(func=commands.cmd_data_prepare)
 
+    verify = data.add_parser("verify", help="check every shard's sha256 and row count against the manifest")
+    verify.add_argument("dataset", help="a directory or URI made by 'vitlab data prepare'")
+    verify.set_defaults(func=commands.cmd_data_verify)
+
     synth = data.add_parser("synth", help="an ImageNet-like class-folder tree of synthetic JPEGs")
     synth.add_argument("--out", required=True)
     synth.add_argument("--classes", type=int, required=True)

@@ -55,6 +55,14 @@ def cmd_data_prepare(args: argparse.Namespace) -> None:
     print(prepare.summary_line(args.out, manifest))
 
 
+def cmd_data_verify(args: argparse.Namespace) -> None:
+    from vitlab.data.manifest import verify
+
+    counts = verify(args.dataset)
+    print(f"{args.dataset}: {counts['shards']} shards, {counts['rows']} rows, {counts['bytes']} bytes: every sha256 "
+          "and row count matches the manifest")
+
+
 def cmd_data_synth(args: argparse.Namespace) -> None:
     counts = synth.synth_tree(args.out, args.classes, args.per_class, args.size, args.quality, args.val_per_class,
                               args.seed)

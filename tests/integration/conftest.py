@@ -6,7 +6,20 @@ import pytest
 
 
 @pytest.fixture(scope="session")
-def ray_session():
+def s3():
+    """The session's S3 server on 127.0.0.1 with bucket s3://vitlab; its variables are set before Ray starts
+    (ray_session depends on this), so Train workers and Ray Data tasks reach it too."""
+    from tests.support.s3server import S3Server, point_at
+
+    server = S3Server().start()
+    point_at(server)
+    server.create_bucket()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def ray_session(s3):
     import ray
     from ray.data import DataContext
 

@@ -80,9 +80,10 @@ def _children(uri, parent_name):
     return {r.info.run_name: r for r in runs}
 
 
-def test_resume_after_killing_the_driver(ray_session, digits_dir, tmp_path):
+def test_resume_after_killing_the_driver(ray_session, digits_dir, tmp_path, s3):
     """SIGKILL the sweep driver once a trial has finished and the next one has a checkpoint; --resume then
-    finishes the sweep without training the finished trial again, and the unfinished one continues."""
+    finishes the sweep without training the finished trial again, and the unfinished one continues. The sweep
+    keeps its state and checkpoints in S3, as on a cluster."""
     space = write(tmp_path, """
 metric: val_top1
 mode: max
@@ -93,7 +94,8 @@ params:
   optim.lr: {grid: [1.0e-3, 2.0e-3, 3.0e-3]}
 """)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    cmd = [VITLAB, "sweep", str(JOB), str(space), *tiny(tmp_path, digits_dir, "train.epochs=3")]
+    cmd = [VITLAB, "sweep", str(JOB), str(space), *tiny(tmp_path, digits_dir, "train.epochs=3",
+                                                         "run.storage_path=s3://vitlab/sweep-kill")]
     env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
     log = (tmp_path / "first.log").open("w")
     driver = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -130,6 +132,9 @@ params:
     for run in children.values():  # every epoch logged exactly once, across the kill
         steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "val_top1"))
         assert steps == [1, 2, 3], (run.info.run_name, steps)
+    keys = s3.keys("sweep-kill/tiny-space/trials/")
+    train_runs = {k.split("/trials/")[1].split("/")[0] for k in keys if "/checkpoint_" in k}  # Train run dirs
+    assert len(train_runs) == 3 and not any("_g" in name for name in train_runs), train_runs  # no spurious _gN
 
 
 def test_pbt_exploit_continues_from_the_donor_checkpoint(ray_session, digits_dir, tmp_path):

@@ -95,7 +95,8 @@ def _train_worker_pids() -> list[int]:
 
 
 def test_killed_worker_restores_and_completes(ray_session, digits_dir, store, capfd):
-    cfg = job(store, digits_dir, "faulty", "train.epochs=5", "run.max_failures=2")
+    # checkpoints in S3, as on a cluster: the new workers restore from there
+    cfg = job(store, digits_dir, "faulty", "train.epochs=5", "run.max_failures=2", "run.storage_path=s3://vitlab/runs")
     epochs = lambda: logged_epochs(cfg.tracking.uri, cfg.tracking.experiment, "faulty")  # noqa: E731
     thread, result = in_thread(lambda: train(cfg))
     try:

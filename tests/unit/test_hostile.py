@@ -134,6 +134,10 @@ BAD_INPUT = [
      "is a model-hub name; vitlab downloads nothing at run time"),
     ("model.init_from another architecture", _init_from_another_architecture,
      "unexpected key 'blocks.1.norm1.weight' in the weights"),
+    ("data verify: a shard gone", lambda t: ["data", "verify", _manifest(t / "ds", {
+        "classes": ["a"], "splits": {"train": {"rows": 1, "shards": [{"file": "train/0.parquet", "rows": 1,
+                                                                       "sha256": "0" * 64}]},
+                                     "val": {"rows": 0, "shards": []}}})], "train/0.parquet: unreadable"),
     ("override after an option, misspelt", lambda t: ["sweep", JOB, _space(t, "params:\n  optim.lr: {choice: "
                                                                              "[0.1]}\n"), "--num-samples", "2",
                                                        "optim.lrr=1"], "did you mean optim.lr"),

@@ -77,3 +77,38 @@ def check_manifest(data: Any, where: str) -> None:
             file = shard.get("file") if isinstance(shard, dict) else None
             if not isinstance(file, str) or not all(is_safe_name(part) for part in file.split("/")):
                 raise UserError(f"{where}: splits.{split}: shard file {file!r} (expected a path inside the dataset)")
+
+
+def verify(path: str) -> dict[str, int]:
+    """Check every shard against the manifest: its sha256 and its row count. A mismatch or a missing shard is a
+    UserError naming the shard (the first one, and how many more). Returns {"shards": n, "rows": n, "bytes": n}."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    manifest = load_manifest(path)
+    problems: list[str] = []
+    counts = {"shards": 0, "rows": 0, "bytes": 0}
+    for split in manifest.data["splits"]:
+        for shard in manifest.data["splits"][split]["shards"]:
+            location = storage.join(manifest.root, shard["file"])
+            try:
+                data = storage.read_bytes(location)
+            except OSError as e:
+                problems.append(f"{location}: unreadable ({storage.first_line(e)})")
+                continue
+            digest = hashlib.sha256(data).hexdigest()
+            if digest != shard.get("sha256"):
+                expected = str(shard.get("sha256"))[:16]
+                problems.append(f"{location}: sha256 {digest[:16]}..., the manifest says {expected}...")
+                continue
+            rows = pq.ParquetFile(pa.BufferReader(data)).metadata.num_rows
+            if rows != shard.get("rows"):
+                problems.append(f"{location}: {rows} rows, the manifest says {shard.get('rows')}")
+                continue
+            counts["shards"] += 1
+            counts["rows"] += rows
+            counts["bytes"] += len(data)
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise UserError(f"{problems[0]}{more}; prepare the dataset again")
+    return counts

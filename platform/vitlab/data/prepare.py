@@ -31,6 +31,7 @@ from PIL import Image, UnidentifiedImageError
 
 from vitlab import __version__, outdir
 from vitlab.cluster import connect
+from vitlab.data import publish
 from vitlab.data.manifest import MANIFEST, MANIFEST_VERSION, load_manifest
 from vitlab.data.sources import SPLITS, Item, Listing, list_source
 from vitlab.data.transforms import READ_FORMATS, open_image
@@ -201,8 +202,10 @@ def _check_out(source: str, out: str, overwrite: bool) -> None:
     """OUT may be new, or with --overwrite a dataset vitlab wrote (it holds a vitlab manifest) that is not
     SOURCE and does not contain it: nothing else is ever replaced."""
     if storage.is_uri(out):
-        if storage.exists(storage.join(out, MANIFEST)) and not overwrite:
-            raise UserError(f"{out}: output already exists (pass --overwrite to replace it)")
+        if storage.exists(storage.join(out, MANIFEST)):
+            if not overwrite:
+                raise UserError(f"{out}: output already exists (pass --overwrite to replace it)")
+            load_manifest(out)  # a dataset vitlab wrote, else one line naming what is wrong with it
         return
     final = Path(out).resolve()
     outdir.recover(final)
@@ -243,21 +246,28 @@ def prepare(
     chunks = plan_shards(listing, rows, seed)
     log.info("%s: %d files in %d shards, %d classes", source, len(listing.items), len(chunks), len(listing.classes))
 
-    if storage.is_uri(out):
-        work_uri, final_dir = out.rstrip("/"), None
-    else:
-        final_dir = Path(out).resolve()
-        work_uri = str(outdir.staging(final_dir))
+    if storage.is_uri(out):  # object storage: a new version prefix, then the manifest (data/publish.py)
+        final_dir, final_uri, version = None, out.rstrip("/"), publish.new_version()
+        work_uri, replaced = storage.join(final_uri, version), publish.listed_files(final_uri)
+    else:  # a local directory: a staging sibling, swapped in whole (outdir.py)
+        final_dir, version = Path(out).resolve(), ""
+        final_uri = work_uri = str(outdir.staging(final_dir))
     try:
         summaries = _run_shard_tasks(chunks, work_uri, opts)
+        if version:
+            summaries = publish.under(version, summaries)
         manifest = _manifest(source, listing, summaries, opts, rows, seed, time.perf_counter() - start)
-        _write_manifest(work_uri, manifest)
+        _write_manifest(final_uri, manifest)
         if final_dir is not None:
             outdir.swap(Path(work_uri), final_dir)
     except BaseException:
         if final_dir is not None:
             shutil.rmtree(work_uri, ignore_errors=True)
+        else:
+            publish.discard(work_uri)
         raise
+    if version:
+        publish.retire(final_uri, replaced, keep=version)
     return manifest
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow.fs as pafs
 
 from vitlab import model as models
 from vitlab import tracking
@@ -30,7 +31,7 @@ from vitlab.data.manifest import load_manifest
 from vitlab.data.pipeline import normalize_on_device
 from vitlab.data.transforms import RESAMPLE, decode_val
 from vitlab.errors import UserError
-from vitlab.train import state
+from vitlab.train import state, storage
 from vitlab.train.storage import BEST_MODEL_FILE
 
 log = logging.getLogger(__name__)
@@ -101,6 +102,11 @@ def load_bundle(spec: str, tracking_uri: str | None = None) -> ModelBundle:
     """A ModelBundle from a model file, checkpoint, run directory, export directory or MLflow model URI."""
     if tracking.is_mlflow_uri(spec):
         return _from_mlflow(spec, tracking_uri)
+    if storage.is_uri(spec):
+        with tempfile.TemporaryDirectory(prefix="vitlab-model-") as tmp:
+            bundle = load_bundle(_fetch(spec, Path(tmp)))  # the weights are in memory once loaded
+        bundle.source = spec
+        return bundle
     path = Path(spec)
     if path.is_dir():
         if (path / ONNX_FILE).is_file():
@@ -117,6 +123,45 @@ def load_bundle(spec: str, tracking_uri: str | None = None) -> ModelBundle:
         return _from_torch_file(path, spec)
     raise UserError(f"{spec}: no such file or directory (expected a model file or checkpoint from "
                     "'vitlab train', an export directory, or an MLflow URI runs:/<id>/model, models:/<name>@<alias>)")
+
+
+def _fetch(spec: str, tmp: Path) -> str:
+    """What ``vitlab train`` printed, in object storage (best_model.pt, a run directory, a checkpoint_*
+    directory): the files a bundle reads, copied under ``tmp`` in the same layout; returns the local path."""
+    fs, path = storage.filesystem(spec)
+    kind = fs.get_file_info(path).type
+    if kind == pafs.FileType.NotFound:
+        raise UserError(f"{spec}: no such object (expected best_model.pt, a run directory or a checkpoint_* "
+                        "directory that 'vitlab train' printed)")
+    parent, name = spec.rstrip("/").rsplit("/", 1)
+    if kind == pafs.FileType.File:
+        folder = storage.join(str(tmp), "run")
+        _copy(spec, storage.join(folder, name))
+        checkpoint_dir = parent if name == state.STATE_FILE else _newest_checkpoint(parent)
+        if checkpoint_dir:  # the config.yaml the weights were trained with
+            into = folder if name == state.STATE_FILE else storage.join(folder, checkpoint_dir.rsplit("/", 1)[1])
+            _copy(storage.join(checkpoint_dir, state.CONFIG_FILE), storage.join(into, state.CONFIG_FILE))
+        return storage.join(folder, name)
+    names = storage.list_names(spec)
+    local = storage.join(str(tmp), name)
+    if state.STATE_FILE in names:
+        for f in (state.STATE_FILE, state.CONFIG_FILE):
+            _copy(storage.join(spec, f), storage.join(local, f))
+        return local
+    if BEST_MODEL_FILE in names:
+        _fetch(storage.join(spec, BEST_MODEL_FILE), tmp)
+        return storage.join(str(tmp), "run")
+    raise UserError(f"{spec}: neither {state.STATE_FILE} nor {BEST_MODEL_FILE} under it (expected a run or "
+                    "checkpoint_* directory of 'vitlab train')")
+
+
+def _newest_checkpoint(run: str) -> str | None:
+    names = sorted(n for n in storage.list_names(run) if n.startswith("checkpoint_") and not n.endswith(".json"))
+    return storage.join(run, names[-1]) if names else None
+
+
+def _copy(source: str, target: str) -> None:
+    storage.write_bytes(target, storage.read_bytes(source))
 
 
 def _config_beside(path: Path) -> JobConfig:

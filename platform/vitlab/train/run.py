@@ -100,12 +100,12 @@ def train(cfg: JobConfig, resume_from: str | None = None, parent_run_id: str | N
     try:
         result = trainer.fit()
     except Exception as e:
-        _end_run(uri, run_id, "FAILED")
+        tracking.end_run_quietly(uri, run_id, "FAILED")
         raise TrainingError(_root_message(e)) from e
     waiting = deliver(uri, run_id, outbox)
     outcome = finish(cfg, manifest, uri, run_id, result, start, resumed, log_model, waiting)
     if not waiting:  # else the run stays RUNNING: the next `vitlab train` of it sends the epochs and ends it
-        _end_run(uri, run_id, "FINISHED")
+        tracking.end_run_quietly(uri, run_id, "FINISHED")
     return outcome
 
 
@@ -126,15 +126,6 @@ def _lineage(init: InitWeights | None) -> dict[str, str]:
         return {}
     return {"vitlab.init_from": redact(init.source), "vitlab.init_from.sha256": init.sha256,
             "vitlab.init_from.adapted": "; ".join(init.notes) or "nothing"}
-
-
-def _end_run(uri: str, run_id: str, status: str) -> None:
-    """Mark the MLflow run ended; a tracking failure here is a warning, never what the command reports."""
-    try:
-        with tracking.quick_retries():
-            tracking.end_run(uri, run_id, status)
-    except tracking.unreachable_errors() as e:
-        log.warning("MLflow run %s not marked %s (%s)", run_id, status, redact(storage.first_line(e)))
 
 
 def _root_message(e: BaseException) -> str:

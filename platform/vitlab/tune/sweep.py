@@ -214,14 +214,18 @@ def run_sweep(base: JobConfig, spec: SweepSpec, space_path: str, resume: bool = 
             run_config=tune.RunConfig(name=name, storage_path=root, callbacks=[callback],
                                       failure_config=tune.FailureConfig(max_failures=0)),
         )
-    grid = tuner.fit()
-    finished = grid.num_terminated + grid.num_errors
-    if finished < expected_trials(spec):
-        # Tune returns normally after Ctrl-C (it saved its state): this is not the sweep's end.
-        tracking.end_run(uri, parent_id, "KILLED")
-        raise SweepInterrupted(f"sweep {name} interrupted with {finished} of {expected_trials(spec)} trials "
-                               f"finished; continue it with the same command and --resume")
-    return _finish(base, spec, grid, uri, parent_id, sweep_dir, time.perf_counter() - start)
+    try:
+        grid = tuner.fit()
+        finished = grid.num_terminated + grid.num_errors
+        if finished < expected_trials(spec):
+            # Tune returns normally after Ctrl-C (it saved its state): this is not the sweep's end.
+            raise SweepInterrupted(f"sweep {name} interrupted with {finished} of {expected_trials(spec)} trials "
+                                   f"finished; continue it with the same command and --resume")
+        return _finish(base, spec, grid, uri, parent_id, sweep_dir, time.perf_counter() - start)
+    except BaseException as e:  # the parent run never stays RUNNING (--resume reopens it)
+        killed = isinstance(e, (SweepInterrupted, KeyboardInterrupt))
+        tracking.end_run_quietly(uri, parent_id, "KILLED" if killed else "FAILED")
+        raise
 
 
 def expected_trials(spec: SweepSpec) -> int:

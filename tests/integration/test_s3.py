@@ -1,0 +1,118 @@
+"""The cluster's paths on object storage: a real S3 server on 127.0.0.1 (moto), s3:// everywhere."""
+
+import io
+import json
+
+import mlflow
+import pytest
+import torch
+
+from tests.support import tiny_job as job
+from tests.support.cli import assert_one_line_error, run_cli
+from vitlab.data.manifest import load_manifest
+from vitlab.data.prepare import prepare
+from vitlab.deploy.bundle import load_bundle
+from vitlab.train import storage
+from vitlab.train.run import train
+
+DATA = "s3://vitlab/shards/digits"
+RUNS = "s3://vitlab/runs"
+
+
+@pytest.fixture(scope="module")
+def shards(ray_session, s3):
+    prepare("digits", DATA)
+    return DATA
+
+
+def shard_keys(s3) -> list[str]:
+    return [k for k in s3.keys("shards/digits/") if k.endswith(".parquet")]
+
+
+def test_prepare_publishes_a_version_and_the_manifest_last(s3, shards):
+    manifest = load_manifest(shards)
+    listed = [s["file"] for split in manifest.data["splits"].values() for s in split["shards"]]
+    version = listed[0].split("/")[0]
+    assert version.startswith("v-") and all(f.startswith(version + "/") for f in listed)
+    assert shard_keys(s3) == sorted(f"shards/digits/{f}" for f in listed)
+    assert manifest.rows("train") == 1437 and manifest.rows("val") == 360
+
+
+def test_overwrite_replaces_the_version_and_removes_only_the_old_shards(s3, shards):
+    s3_before = shard_keys(s3)
+    storage.write_text(f"{shards}/README.txt", "someone's notes")  # not vitlab's: stays
+    prepare("digits", shards, overwrite=True)
+    after = shard_keys(s3)
+    listed = json.loads(storage.read_bytes(f"{shards}/manifest.json"))["splits"]
+    files = sorted(f"shards/digits/{s['file']}" for split in listed.values() for s in split["shards"])
+    assert after == files and not set(after) & set(s3_before)
+    assert "shards/digits/README.txt" in s3.keys("shards/digits/")
+
+
+def test_verify_checks_every_shard_and_names_a_changed_one(s3, shards, tmp_path):
+    ran = run_cli("data", "verify", shards)
+    assert ran.returncode == 0 and "17 shards, 1797 rows" in ran.stdout, ran.stderr
+    # a copy of the dataset with one shard replaced by another's bytes
+    copy = "s3://vitlab/shards/tampered"
+    manifest = json.loads(storage.read_bytes(f"{shards}/manifest.json"))
+    files = [s["file"] for split in manifest["splits"].values() for s in split["shards"]]
+    for f in files:
+        source = files[0] if f == files[1] else f  # shard 1 gets shard 0's bytes
+        storage.write_bytes(f"{copy}/{f}", storage.read_bytes(f"{shards}/{source}"))
+    storage.write_bytes(f"{copy}/manifest.json", json.dumps(manifest).encode())
+    assert_one_line_error(run_cli("data", "verify", copy), f"{copy}/{files[1]}: sha256")
+
+
+@pytest.fixture(scope="module")
+def trained(shards, tmp_path_factory):
+    store = tmp_path_factory.mktemp("s3train")
+    return store, train(job(store, shards, "s3run", "train.epochs=2", f"run.storage_path={RUNS}"))
+
+
+def test_train_reads_and_checkpoints_in_s3_and_resumes(s3, shards, trained):
+    store, o = trained
+    assert o.model_path == f"{RUNS}/s3run/best_model.pt" and o.checkpoint.startswith(f"{RUNS}/s3run/checkpoint_")
+    assert o.val_top1 > 0.15
+    assert any(k.startswith("runs/s3run/checkpoint_") and k.endswith("/state.pt") for k in s3.keys("runs/s3run/"))
+    again = train(job(store, shards, "s3run", "train.epochs=3", f"run.storage_path={RUNS}"))
+    assert again.resumed and again.epochs == 3 and again.mlflow_run_id == o.mlflow_run_id
+
+
+def test_export_predict_take_every_path_train_prints(s3, trained, tmp_path):
+    _, o = trained
+    best = torch.load(io.BytesIO(storage.read_bytes(o.model_path)), map_location="cpu")
+    for spec in (o.model_path, o.run_dir, o.checkpoint):
+        bundle = load_bundle(spec)
+        assert bundle.num_classes == 10 and bundle.image_size == 16 and bundle.source == spec, spec
+        assert bundle.model(torch.zeros(1, 3, 16, 16)).shape == (1, 10)
+    loaded = load_bundle(o.model_path).model.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in best.items())
+    ran = run_cli("export", o.model_path, "--out", tmp_path / "export")
+    assert ran.returncode == 0 and (tmp_path / "export" / "model.onnx").is_file(), ran.stderr
+    assert_one_line_error(run_cli("export", f"{RUNS}/nope/best_model.pt", "--out", tmp_path / "x"),
+                          "s3://vitlab/runs/nope/best_model.pt: no such object")
+
+
+def test_finetune_from_s3(s3, shards, trained):
+    store, o = trained
+    tuned = train(job(store, shards, "s3tuned", "train.epochs=1", "data.image_size=24",
+                      f"model.init_from={o.model_path}", f"run.storage_path={RUNS}"))
+    assert tuned.epochs == 1 and tuned.model_path == f"{RUNS}/s3tuned/best_model.pt"
+
+
+def test_sweep_keeps_trials_and_best_yaml_in_s3(s3, shards, tmp_path):
+    from vitlab.config import JobConfig
+    from vitlab.tune.space import load_space
+    from vitlab.tune.sweep import run_sweep
+
+    space = tmp_path / "space.yaml"
+    space.write_text("metric: val_top1\nmode: max\nnum_samples: 1\nmax_concurrent_trials: 2\n"
+                     "params:\n  optim.lr: {grid: [3.0e-3, 1.0e-5]}\n")
+    base = job(tmp_path, shards, "s3sweep", "scaling.num_workers=1", "train.epochs=1", f"run.storage_path={RUNS}")
+    report = run_sweep(base, load_space(space), str(space))
+    assert report["best_config"] == f"{RUNS}/s3sweep-space/best.yaml" and len(report["trials"]) == 2
+    best = JobConfig.from_yaml(storage.read_bytes(report["best_config"]).decode(), "best.yaml")
+    assert best.optim.lr == max(report["trials"], key=lambda t: t["val_top1"])["params"]["optim.lr"]
+    assert any(k.endswith("/state.pt") for k in s3.keys("runs/s3sweep-space/trials/"))
+    parent = mlflow.MlflowClient(report["tracking_uri"]).get_run(report["mlflow_parent_run_id"])
+    assert parent.info.status == "FINISHED"
