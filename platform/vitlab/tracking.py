@@ -8,6 +8,7 @@ mlflow is imported inside the functions: the CLI and preflight import this modul
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import importlib.metadata
 import logging
@@ -66,17 +67,40 @@ def default_artifact_location(uri: str) -> str | None:
 
 
 def check_tracking(uri: str, timeout: float = 5.0) -> None:
-    """An unreachable tracking server is a one-line error before training starts."""
+    """A tracking server that does not answer, or refuses this process's credentials, is a one-line error
+    before anything starts: /health (open), then one authenticated read, as every later call will be."""
     if not uri.startswith(("http://", "https://")):
         return
-    url = uri.rstrip("/") + "/health"
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:
-            if resp.status >= 400:
-                raise UserError(f"tracking.uri {uri}: MLflow server answered HTTP {resp.status} on /health")
-    except (urllib.error.URLError, OSError) as e:
-        reason = getattr(e, "reason", e)
-        raise UserError(f"tracking.uri {uri}: MLflow tracking server unreachable ({reason})") from None
+    base = uri.rstrip("/")
+    for path, authenticated in (("/health", False), ("/api/2.0/mlflow/experiments/search?max_results=1", True)):
+        request = urllib.request.Request(base + path)
+        header = _auth_header() if authenticated else None
+        if header:
+            request.add_header("Authorization", header)
+        try:
+            with urllib.request.urlopen(request, timeout=timeout):
+                pass
+        except urllib.error.HTTPError as e:
+            if e.code in (401, 403):
+                raise UserError(f"tracking.uri {redact(uri)}: the MLflow server refused the credentials (HTTP "
+                                f"{e.code}); set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or "
+                                "MLFLOW_TRACKING_TOKEN)") from None
+            raise UserError(f"tracking.uri {redact(uri)}: MLflow server answered HTTP {e.code} on "
+                            f"{path.split('?')[0]}") from None
+        except (urllib.error.URLError, OSError) as e:
+            reason = getattr(e, "reason", e)
+            raise UserError(f"tracking.uri {redact(uri)}: MLflow tracking server unreachable ({reason})") from None
+
+
+def _auth_header() -> str | None:
+    """The Authorization header MLflow's client sends: a bearer token, else basic credentials, else none."""
+    token = os.environ.get("MLFLOW_TRACKING_TOKEN")
+    if token:
+        return f"Bearer {token}"
+    user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
+    if user and password:
+        return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+    return None
 
 
 def experiment_id(client, name: str, uri: str) -> str:
@@ -308,6 +332,7 @@ def register_model(uri: str | None, run_id: str, name: str, alias: str | None = 
 
     quiet_mlflow()
     uri = resolve_tracking_uri(uri)
+    check_tracking(uri)  # unreachable or refused: one line, not a "not found"
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 
@@ -19,7 +21,25 @@ def s3():
 
 
 @pytest.fixture(scope="session")
-def ray_session(s3):
+def tracking_server(s3, tmp_path_factory):
+    """The session's `mlflow server` as cluster.yaml runs it: basic-auth on (admin, a generated password),
+    sqlite, artifacts proxied to s3://vitlab/mlflow-artifacts. Its credentials are in the environment before
+    Ray starts (ray_session depends on this), as cluster.yaml puts them on every node; stores that need none
+    ignore them."""
+    import secrets
+
+    from tests.support.mlflowserver import MlflowServer
+
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow-auth"), artifacts="s3://vitlab/mlflow-artifacts",
+                          admin_password=secrets.token_urlsafe(16))
+    server.start()
+    os.environ.update(MLFLOW_TRACKING_USERNAME="admin", MLFLOW_TRACKING_PASSWORD=server.admin_password)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def ray_session(s3, tracking_server):
     import ray
     from ray.data import DataContext
 

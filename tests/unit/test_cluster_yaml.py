@@ -91,9 +91,17 @@ def test_token_auth_private_mlflow_and_worker_environment(raw):
     assert "--dashboard-host=127.0.0.1" in head
     assert "0.0.0.0" not in " ".join(all_commands(raw))
     mlflow = next(c for c in raw["head_start_ray_commands"] if "nohup mlflow server" in c)
-    assert "HEAD_IP=$(hostname -I | awk '{print $1}')" in mlflow and "--host $HEAD_IP" in mlflow
+    # the head's private address from the instance metadata (hostname -I can list docker0 first)
+    assert "169.254.169.254/latest/meta-data/local-ipv4" in mlflow and "--host $HEAD_IP" in mlflow
+    assert "hostname -I" not in " ".join(all_commands(raw))
     assert "--artifacts-destination s3://" in mlflow and "--backend-store-uri sqlite:///" in mlflow
     assert re.search(r"MLFLOW_TRACKING_URI=http://\$RAY_HEAD_IP:5000", worker)
+    # basic-auth on; the password comes from the mounted file, on the head and on every worker
+    password = "$(cat /home/ray/.vitlab/mlflow_admin_password)"
+    assert "--app-name basic-auth" in mlflow and f"MLFLOW_AUTH_ADMIN_PASSWORD={password}" in mlflow
+    for env in (head, worker):
+        assert f"MLFLOW_TRACKING_USERNAME=admin MLFLOW_TRACKING_PASSWORD={password}" in env
+    assert raw["file_mounts"]["/home/ray/.vitlab/mlflow_admin_password"] == "~/.vitlab/mlflow_admin_password"
     assert re.search(r"VITLAB_STORAGE_PATH=s3://\S+", worker) and re.search(r"VITLAB_STORAGE_PATH=s3://\S+", head)
     # the token travels to every node; the repo is installed from where it is mounted
     assert raw["file_mounts"]["/home/ray/.ray/auth_token"] == "~/.ray/auth_token"

@@ -245,6 +245,7 @@ def _from_mlflow(spec: str, tracking_uri: str | None) -> ModelBundle:
 
     tracking.quiet_mlflow()
     uri = tracking.resolve_tracking_uri(tracking_uri)
+    tracking.check_tracking(uri)  # unreachable or refused: one line, not a "not found"
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     try:
