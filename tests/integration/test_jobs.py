@@ -18,6 +18,7 @@ import pytest
 from tests.support import BIN, ROOT, TINY, VITLAB, in_thread
 from tests.support.cli import assert_one_line_error, run_cli
 from tests.support.raycluster import start_head
+from vitlab.train import storage
 
 RAY = str(BIN / "ray")
 
@@ -33,7 +34,9 @@ def job_id_of(stdout: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def head():
+def head(s3):
+    """The head starts with the S3 server's variables in its environment, as cluster nodes have their bucket's
+    credentials: jobs keep their data and checkpoints in s3://vitlab/jobs."""
     h = start_head(num_cpus=2)
     try:
         yield h
@@ -48,9 +51,9 @@ def store(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def prepared(head, store):
-    """Digits shards made by a job: `vitlab submit -- data prepare digits --out DIR` (the README's flow)."""
-    out = store / "digits"
-    proc = run([VITLAB, "submit", "--address", head.url, "--", "data", "prepare", "digits", "--out", str(out)],
+    """Digits shards made by a job: `vitlab submit -- data prepare digits --out s3://...` (the README's flow)."""
+    out = "s3://vitlab/jobs/digits"
+    proc = run([VITLAB, "submit", "--address", head.url, "--", "data", "prepare", "digits", "--out", out],
                head.client_env())
     return out, proc
 
@@ -60,15 +63,15 @@ def test_data_prepare_as_a_job(prepared):
     out, proc = prepared
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "prepared digits" in proc.stdout and proc.stdout.strip().splitlines()[-1].split()[2] == "SUCCEEDED"
-    assert json.loads((out / "manifest.json").read_text())["splits"]["train"]["rows"] == 1437
+    assert json.loads(storage.read_bytes(f"{out}/manifest.json"))["splits"]["train"]["rows"] == 1437
 
 
 @pytest.mark.timeout(600)
-def test_submit_train_succeeds_and_is_in_mlflow(head, prepared, store):
+def test_submit_train_succeeds_and_is_in_mlflow(head, prepared, store, s3):
     data, _ = prepared
     uri = f"sqlite:///{store / 'mlflow.db'}"
-    shared = store / "shared"  # stands in for the cluster's s3://BUCKET/vitlab
-    proc = run([VITLAB, "submit", "--address", head.url, "--tracking-uri", uri, "--storage-path", str(shared),
+    shared = "s3://vitlab/jobs/shared"  # the cluster's s3://BUCKET/vitlab
+    proc = run([VITLAB, "submit", "--address", head.url, "--tracking-uri", uri, "--storage-path", shared,
                 "--", "train", "jobs/digits_vit.yaml", "train.epochs=2", f"data.path={data}", "run.name=submitted",
                 *TINY], head.client_env())
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-3000:]
@@ -85,8 +88,8 @@ def test_submit_train_succeeds_and_is_in_mlflow(head, prepared, store):
     assert steps == [1, 2]
     assert runs[0].data.params["train.epochs"] == "2"
     # relative run.storage_path ("runs") went under VITLAB_STORAGE_PATH, as on a cluster with S3
-    assert runs[0].data.tags["run_dir"] == str(shared / "runs" / "submitted")
-    assert list((shared / "runs" / "submitted").glob("checkpoint_*"))
+    assert runs[0].data.tags["run_dir"] == f"{shared}/runs/submitted"
+    assert any("/checkpoint_" in k for k in s3.keys("jobs/shared/runs/submitted/"))
 
 
 @pytest.mark.timeout(600)
@@ -114,7 +117,7 @@ def test_plain_ray_job_submit_and_jobs_commands(head, prepared, store):
     env = head.client_env()
     check = "test ! -e .venv && test ! -e .git && test ! -e data && test ! -e mlflow.db"
     train = (f"vitlab train jobs/digits_vit.yaml train.epochs=50 data.path={data} run.name=plain "
-             f"run.storage_path={store / 'plain_runs'} tracking.uri=sqlite:///{store / 'plain.db'} "
+             f"run.storage_path=s3://vitlab/jobs/plain_runs tracking.uri=sqlite:///{store / 'plain.db'} "
              + shlex.join(TINY))
     proc = run([RAY, "job", "submit", "--address", head.url, "--working-dir", ".", "--no-wait",
                 "--submission-id", "plain-train-1", "--", "sh", "-c", f"{check} && {train}"], env)

@@ -9,6 +9,7 @@ import torch
 
 from tests.support import tiny_job as job
 from tests.support.cli import assert_one_line_error, run_cli
+from tests.support.data import make_class_tree
 from vitlab.data.manifest import load_manifest
 from vitlab.data.prepare import prepare
 from vitlab.deploy.bundle import load_bundle
@@ -47,6 +48,16 @@ def test_overwrite_replaces_the_version_and_removes_only_the_old_shards(s3, shar
     files = sorted(f"shards/digits/{s['file']}" for split in listed.values() for s in split["shards"])
     assert after == files and not set(after) & set(s3_before)
     assert "shards/digits/README.txt" in s3.keys("shards/digits/")
+
+
+def test_prepare_reads_raw_class_folders_from_s3(s3, ray_session, tmp_path):
+    tree = make_class_tree(tmp_path / "raw", ["cat", "dog", "eel"], per_class=6, val_per_class=2)
+    for f in sorted(p for p in tree.rglob("*.JPEG")):
+        storage.write_bytes(f"s3://vitlab/raw/{f.relative_to(tree).as_posix()}", f.read_bytes())
+    manifest = prepare("s3://vitlab/raw", "s3://vitlab/shards/raw")
+    assert manifest["classes"] == ["cat", "dog", "eel"] and not manifest["rejects"]
+    assert manifest["splits"]["train"]["rows"] == 18 and manifest["splits"]["val"]["rows"] == 6
+    assert run_cli("data", "verify", "s3://vitlab/shards/raw").returncode == 0
 
 
 def test_verify_checks_every_shard_and_names_a_changed_one(s3, shards, tmp_path):

@@ -7,7 +7,7 @@ token authentication on) hosts, in order:
   node_loss   a 2-worker training with scaling.placement_strategy=STRICT_SPREAD (one worker per node until the
               loss: the `spread` result) that loses a node (all its processes killed) after its first
               checkpoint; a new node joins a few seconds later and the run must restore and finish. Its
-              checkpoints go through a file:// URI, the code path of s3:// storage on a real cluster.
+              checkpoints are in S3 (the suite's server on 127.0.0.1), as on a real cluster.
 
 It prints one line `RESULT {json}` per scenario (node ids, MLflow epoch lists) for the test to check. A Cluster
 needs its own ray.init in its own process, which the pytest process (with the session's Ray) cannot give it.
@@ -105,10 +105,10 @@ def scenario_node_loss(cluster, tmp: Path, data: str) -> None:
     from vitlab.train.run import train
 
     epochs = 4
-    # Checkpoints through a URI (pyarrow's filesystem, as for s3:// on a cluster), not a local path.
+    # Checkpoints in S3, as on a cluster: the new node restores from there.
     cfg = job(tmp, data, "lossy", f"train.epochs={epochs}", "scaling.num_workers=2", "scaling.cpus_per_worker=0.5",
               "scaling.placement_strategy=STRICT_SPREAD", "run.max_failures=3",
-              f"run.storage_path=file://{tmp / 'shared'}")
+              f"run.storage_path=s3://vitlab/multinode/{tmp.name}")
     uri = cfg.tracking.uri
     out: dict = {}
 

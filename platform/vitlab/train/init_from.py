@@ -60,7 +60,7 @@ def load_init_weights(spec: str, model, tracking_uri: str | None = None) -> Init
         except OSError as e:
             raise UserError(f"model.init_from: {_shown(location)}: cannot read ({storage.first_line(e)})") from None
         sha256 = hashlib.sha256(data).hexdigest()
-        weights = _torch_load(data, _shown(location), checkpoint=Path(location).name == state.STATE_FILE)
+        weights = _torch_load(data, _shown(location), checkpoint=storage.basename(location) == state.STATE_FILE)
     state_dict, notes = adapt(_state_dict_of(weights, shown), model, shown)
     return InitWeights(source=spec, sha256=sha256, state_dict=state_dict, notes=notes)
 

@@ -52,6 +52,11 @@ def join(location: str, *parts: str) -> str:
     return "/".join([location.rstrip("/"), *parts])
 
 
+def basename(location: str) -> str:
+    """The last component of a path or URI (pathlib would turn s3://b/k into s3:/b/k on the way)."""
+    return location.rstrip("/").rsplit("/", 1)[-1]
+
+
 def exists(location: str) -> bool:
     fs, path = filesystem(location)
     return fs.get_file_info(path).type != pafs.FileType.NotFound
@@ -142,4 +147,4 @@ def has_checkpoints(location: str) -> bool:
 def checkpoint_location(cfg: JobConfig, checkpoint_path: str) -> str:
     """A checkpoint as a local path, or for remote storage its URI (Ray's Checkpoint.path drops the scheme)."""
     root = run_dir(cfg)
-    return join(root, Path(checkpoint_path).name) if is_uri(root) else str(checkpoint_path)
+    return join(root, basename(checkpoint_path)) if is_uri(root) else str(checkpoint_path)

@@ -251,7 +251,7 @@ def _rows(grid, spec: SweepSpec, epochs: int) -> list[TrialRow]:
     for result in grid:
         df = result.metrics_dataframe
         metrics = result.metrics or {}
-        trial_id = metrics.get("trial_id") or Path(result.path).name
+        trial_id = metrics.get("trial_id") or storage.basename(result.path)
         done = int(metrics.get("epoch", 0))
         if result.error is not None:
             status = "errored"
@@ -275,7 +275,7 @@ def _trial_curves(grid, metric: str) -> dict[str, list[tuple[int, float]]]:
     for result in grid:
         df = result.metrics_dataframe
         if df is not None and metric in df and "epoch" in df:
-            curves[Path(result.path).name[-12:]] = list(zip(df["epoch"], df[metric], strict=True))
+            curves[storage.basename(result.path)[-12:]] = list(zip(df["epoch"], df[metric], strict=True))
     return curves
 
 
@@ -289,7 +289,7 @@ def _finish(base: JobConfig, spec: SweepSpec, grid, uri: str, parent_id: str, sw
         files = [_trials_csv(rows, art / "trials.csv"),
                  plots.trial_curves(_trial_curves(grid, spec.metric), spec.metric, art / "trials_curves.png")]
         if best_row is not None:
-            best_cfg = base.with_overrides({**best_row.params, "run.name": f"{Path(sweep_dir).name}-best"})
+            best_cfg = base.with_overrides({**best_row.params, "run.name": f"{storage.basename(sweep_dir)}-best"})
             text = redact(f"# the best trial's full JobConfig: vitlab train {best_path}\n{best_cfg.to_yaml()}")
             storage.write_text(best_path, text)
             (art / BEST_FILE).write_text(text)
