@@ -174,3 +174,32 @@ params:
         assert state["step"] == state["epoch"] * steps_per_epoch
         assert isinstance(state["model"], dict) and all(isinstance(v, torch.Tensor) for v in state["model"].values())
     assert {t["epochs_run"] for t in report["trials"]} <= {3}
+
+
+def test_ctrl_c_marks_the_parent_run_killed(ray_session, digits_dir, tmp_path):
+    """Ctrl-C (SIGINT) of a sweep's driver: Tune saves its state, the command exits 130, and the parent MLflow
+    run is KILLED, not left RUNNING."""
+    space = write(tmp_path, "metric: val_top1\nmode: max\nnum_samples: 1\nmax_concurrent_trials: 1\n"
+                            "params:\n  optim.lr: {grid: [1.0e-3, 2.0e-3]}\n")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cmd = [VITLAB, "sweep", str(JOB), str(space), *tiny(tmp_path, digits_dir, "train.epochs=20")]
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
+    with (tmp_path / "driver.log").open("w") as log:
+        driver = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.time() + 300
+            while time.time() < deadline and driver.poll() is None:
+                if any("val_top1" in r.data.metrics for r in _children(uri, "tiny-space").values()):
+                    break
+                time.sleep(1.0)
+            driver.send_signal(signal.SIGINT)
+            code = driver.wait(timeout=180)
+        finally:
+            if driver.poll() is None:
+                driver.kill()
+    text = (tmp_path / "driver.log").read_text()
+    assert code == 130 and "interrupted" in text, text[-3000:]
+    client = mlflow.MlflowClient(uri)
+    parent = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                                filter_string="attributes.run_name = 'tiny-space'")[0]
+    assert parent.info.status == "KILLED"
