@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import secrets
 import shutil
@@ -13,6 +14,7 @@ import subprocess
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -125,10 +127,14 @@ class Head:
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
-def start_head(num_cpus: int = 2, timeout: float = 120.0) -> Head:
+def start_head(num_cpus: int = 2, timeout: float = 120.0, num_gpus: int = 0, resources: dict | None = None,
+               extra_args: Callable[[Path, int], list[str]] | None = None, extra_env: dict[str, str] | None = None,
+               prefix: str = "vrh") -> Head:
     """`ray start --head --block` from the project's virtualenv, as a user with the venv activated would:
-    token authentication on (a fresh token in a file of its own), dashboard and job API on 127.0.0.1."""
-    temp_dir = short_temp_dir("vrh")
+    token authentication on (a fresh token in a file of its own), dashboard and job API on 127.0.0.1.
+    ``extra_args(temp_dir, gcs_port)`` adds arguments that need the head's own folder or port (an autoscaling
+    config); ``extra_env`` adds variables."""
+    temp_dir = short_temp_dir(prefix)
     token = secrets.token_hex(32)
     token_file = Path(temp_dir) / "auth_token"
     token_file.write_text(token)
@@ -136,7 +142,7 @@ def start_head(num_cpus: int = 2, timeout: float = 120.0) -> Head:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_", "VITLAB_"))}
     env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_file), PATH=f"{VENV_BIN}:{env['PATH']}",
                RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
-               RAY_USAGE_STATS_ENABLED="0", RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0")
+               RAY_USAGE_STATS_ENABLED="0", RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0", **(extra_env or {}))
     log = Path(temp_dir) / "ray_start.log"
     cmd = [str(VENV_BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
            "--port", str(gcs), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
@@ -144,7 +150,11 @@ def start_head(num_cpus: int = 2, timeout: float = 120.0) -> Head:
            "--dashboard-agent-grpc-port", str(agent_grpc), "--metrics-export-port", str(metrics),
            "--runtime-env-agent-port", str(env_agent), "--node-manager-port", str(node_mgr),
            "--object-manager-port", str(obj_mgr), "--temp-dir", temp_dir, "--num-cpus", str(num_cpus),
-           "--disable-usage-stats"]
+           "--num-gpus", str(num_gpus), "--disable-usage-stats"]
+    if resources:
+        cmd += ["--resources", json.dumps(resources)]
+    if extra_args:
+        cmd += extra_args(Path(temp_dir), gcs)
     with log.open("w") as out:
         proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=temp_dir,
                                 start_new_session=True)
