@@ -106,7 +106,8 @@ def _torch_load(data: bytes, shown: str, checkpoint: bool):
         with torch.serialization.safe_globals(state.checkpoint_globals() if checkpoint else []):
             return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as e:
-        # torch's message is many lines and suggests weights_only=False; keep the line that says what was refused
+        # torch's message is many lines and advises turning the weights-only check off; keep the line that says
+        # what was refused
         lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
         reason = next((line for line in lines if "unsupported" in line.lower()), lines[0])
         raise UserError(f"model.init_from {shown}: not a PyTorch weights file, or one holding more than tensors "
