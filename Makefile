@@ -4,9 +4,20 @@ PY     := $(VENV)/bin/python
 VITLAB := $(VENV)/bin/vitlab
 DATA   ?= data/digits
 
-.PHONY: install demo test test-fast lint clean
+.PHONY: install browser demo test test-fast lint clean
 
-install: $(VENV)/.installed
+install: $(VENV)/.installed browser
+
+# The MLflow UI test drives Debian's headless Chromium through chromedriver; installed when missing and this
+# user may (root, as on CI and the cluster images); elsewhere that test is skipped and says why.
+browser:
+	@if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			export DEBIAN_FRONTEND=noninteractive; \
+			apt-get install -y -q chromium chromium-driver >/dev/null 2>&1 \
+				|| { apt-get update -q >/dev/null && apt-get install -y -q chromium chromium-driver >/dev/null; } \
+				|| echo "make: chromium not installed (the MLflow UI test will be skipped)"; \
+		else echo "make: no chromium and not root: the MLflow UI test will be skipped"; fi; fi
 
 # torch/torchvision are pinned to the wheels on this machine's disk and installed first, so the
 # project's torch range is already satisfied and pip does not download another multi-GB torch.
@@ -19,7 +30,7 @@ $(VENV)/.installed: pyproject.toml
 
 # The main job on the built-in data: prepare the digits shards once, then train a fresh run of
 # jobs/digits_vit.yaml (a new run name each time; re-using a name would resume that run instead).
-demo: install
+demo: $(VENV)/.installed
 	test -f $(DATA)/manifest.json || $(VITLAB) data prepare digits --out $(DATA)
 	$(VITLAB) train jobs/digits_vit.yaml run.name=digits_vit_$$(date +%Y%m%d_%H%M%S) \
 		--output-json runs/digits_vit_demo.json

@@ -12,13 +12,13 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from vitlab import commands
+from vitlab import commands, logs
 from vitlab.cluster import keep_local_ray_on_loopback
 from vitlab.data.sources import READERS
 from vitlab.deploy import onnx
 from vitlab.deploy.runtimes import RUNTIMES
 from vitlab.errors import UserError
-from vitlab.redact import RedactFilter, redact
+from vitlab.redact import redact
 
 log = logging.getLogger("vitlab")
 
@@ -58,7 +58,8 @@ def _is_override(arg: str) -> bool:
 
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="vitlab", description="Train vision transformers at scale on Ray.")
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("-v", "--verbose", action="store_true", help="show everything on the terminal: Ray's, MLflow's "
+                   "and vitlab's debug lines (default: vitlab's lines and errors; the rest in the log file)")
     sub = p.add_subparsers(dest="command", required=True)
 
     data = sub.add_parser("data", help="prepare datasets").add_subparsers(dest="data_command", required=True)
@@ -240,28 +241,47 @@ def _validate_common(args: argparse.Namespace) -> None:
         raise UserError(f"--max-side {m}: expected at least 8 pixels")
 
 
+# Commands that run Ray, MLflow or torch work: their third-party chatter goes to a log file, named at the end.
+# The value: whether the command uses Ray (its loggers are then set up, and adopted, before it starts).
+LOGGED_COMMANDS = {"data prepare": True, "train": True, "sweep": True, "bench data": True, "bench train": True,
+                   "export": False, "predict": False, "register": False, "bench infer": False}
+
+
+def command_name(args: argparse.Namespace) -> str:
+    sub = getattr(args, "data_command", None) or getattr(args, "bench_command", None) \
+        or getattr(args, "jobs_command", None)
+    return f"{args.command} {sub}" if sub else args.command
+
+
 def main(argv: list[str] | None = None) -> int:
     keep_local_ray_on_loopback()
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
-    for handler in logging.getLogger().handlers:
-        if not any(isinstance(f, RedactFilter) for f in handler.filters):
-            handler.addFilter(RedactFilter())
+    name = command_name(args)
+    logs.setup(args.verbose, logs.default_log_path(name) if name in LOGGED_COMMANDS else None)
     func: Callable[[argparse.Namespace], Any] = args.func
     try:
         _validate_common(args)
+        if name in LOGGED_COMMANDS:
+            logs.import_quietly(with_ray=LOGGED_COMMANDS[name])
         func(args)
-    except UserError as e:
+    except UserError as e:  # bad input: the one line says it all
         print(f"vitlab: error: {redact(str(e))}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("vitlab: interrupted", file=sys.stderr)
+        _name_log()
         return 130
+    except SystemExit:
+        _name_log()
+        raise
+    _name_log()
     return 0
+
+
+def _name_log() -> None:
+    path = logs.log_path()
+    if path is not None:
+        print(f"full log: {path}", flush=True)
 
 
 if __name__ == "__main__":

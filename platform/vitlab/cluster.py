@@ -24,15 +24,21 @@ def connect(num_cpus: int | None = None) -> None:
     Ray whose dashboard listens on 127.0.0.1 only (Ray Train's state checks need the dashboard)."""
     import ray
 
+    from vitlab import logs
+
     if ray.is_initialized():
         return
     address = os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=True)
+        logs.route_ray_output()
         log.info("connected to Ray at %s", address)
         return
     start_local(num_cpus)
-    log.info("started a local Ray: %s", ray.cluster_resources())
+    logs.route_ray_output()
+    resources = ray.cluster_resources()
+    log.info("started a local Ray (%g CPUs%s)", resources.get("CPU", 0),
+             f", {resources['GPU']:g} GPUs" if resources.get("GPU") else "")
 
 
 def start_local(num_cpus: int | None = None) -> None:

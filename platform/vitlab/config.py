@@ -109,13 +109,24 @@ class TrainConfig(Section):
     channels_last: bool = False
     compile: bool = False
     seed: int = 0
-    log_every_steps: int = Field(50, ge=1)
+    log_every_steps: int = Field(50, ge=1)  # train_loss_step and lr_step to MLflow, live
+    # Rank 0's progress line (step, images/s, data wait, loss, lr, ETA) every this many seconds; 0 = off.
+    log_every_seconds: float = Field(30.0, ge=0.0)
+    # [start, end]: a torch.profiler trace of optimizer steps start..end-1 on rank 0, to MLflow (profile/).
+    profile_steps: tuple[int, int] | None = None
     # Batch size for evaluation, global (defaults to train.batch_size).
     eval_batch_size: int | None = Field(None, ge=1)
     # Model EMA (timm's ModelEmaV3), updated after every optimizer step; 0 = off. With ema_warmup the decay
     # ramps up as 1 - (1 + step) ** -2/3, capped at ema_decay (early steps average over few updates).
     ema_decay: float = Field(0.0, ge=0.0, lt=1.0)
     ema_warmup: bool = False
+
+    @field_validator("profile_steps")
+    @classmethod
+    def _window(cls, v: tuple[int, int] | None) -> tuple[int, int] | None:
+        if v is not None and not 0 <= v[0] < v[1]:
+            raise ValueError(f"expected [start, end] with 0 <= start < end, got {list(v)}")
+        return v
 
 
 class ScalingSection(Section):

@@ -2,7 +2,7 @@
 
 The driver creates (or, on resume, finds) the run before training starts, so an unreachable server fails
 fast and the run id is known. Epoch metrics are logged from the Train controller (train/callbacks.py), the
-per-step curve and system metrics by rank 0 of the workers (``StepLogger``), the artifacts by the driver.
+per-step curve and system metrics by rank 0 of the workers (train/steplog.py), the artifacts by the driver.
 mlflow is imported inside the functions: the CLI and preflight import this module without paying for it.
 """
 
@@ -150,10 +150,11 @@ def run_tags(cfg: JobConfig, manifest: Manifest) -> dict[str, str]:
 
 def start_run(
     uri: str, experiment: str, run_key: str, run_name: str, params: dict[str, Any], tags: dict[str, str],
-    parent_run_id: str | None = None, resume: bool = True,
+    parent_run_id: str | None = None, resume: bool = True, inputs: Manifest | None = None,
 ) -> tuple[str, bool]:
     """Continue the newest run tagged ``run_key`` when ``resume`` (a resumed training or sweep), else create
-    a new one. Returns (run_id, resumed). Credentials in URIs among the values are recorded as ***."""
+    a new one, with the splits of the manifest ``inputs`` as its dataset inputs. Returns (run_id, resumed).
+    Credentials in URIs among the values are recorded as ***."""
     import mlflow
     from mlflow.entities import Param, RunTag
 
@@ -172,6 +173,10 @@ def start_run(
     for i in range(0, len(items), 100):  # MLflow's per-call limit
         client.log_batch(run.info.run_id, params=items[i : i + 100])
     client.log_batch(run.info.run_id, tags=[RunTag("vitlab.resumed", "false")])
+    if inputs is not None:
+        from vitlab.lineage import log_manifest_inputs
+
+        log_manifest_inputs(client, run.info.run_id, inputs)
     return run.info.run_id, False
 
 
@@ -215,47 +220,6 @@ def quick_retries() -> Iterator[None]:
     finally:
         for key in added:
             os.environ.pop(key, None)
-
-
-class StepLogger:
-    """Rank 0's MLflow logger inside a Train worker: per-step curves (buffered until the epoch is
-    checkpointed) and MLflow system metrics."""
-
-    def __init__(self, uri: str, run_id: str, system_metrics: bool):
-        import mlflow
-
-        self.client = mlflow.MlflowClient(tracking_uri=uri)
-        self.run_id = run_id
-        self.pending: list[tuple[str, float, int]] = []
-        self._sys = None
-        if system_metrics:
-            try:
-                from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
-
-                self._sys = SystemMetricsMonitor(run_id, resume_logging=True, tracking_uri=uri)
-                self._sys.start()
-            except Exception as e:  # system metrics are a nicety; never fail training over them
-                log.warning("MLflow system metrics unavailable: %s", e)
-                self._sys = None
-
-    def add(self, metrics: dict[str, float], step: int) -> None:
-        self.pending.extend((k, float(v), step) for k, v in metrics.items())
-
-    def flush(self) -> None:
-        """Best-effort: while the server is down the steps stay here and go with the next flush. (Step curves
-        are a view of training; the epoch metrics are the record, and they wait durably in the run's outbox.)"""
-        try:
-            with quick_retries():
-                log_metrics(self.client, self.run_id, self.pending)
-        except unreachable_errors() as e:
-            log.warning("MLflow unreachable (%s): %d step metrics kept for the next epoch",
-                        redact(first_line(e)), len(self.pending))
-            return
-        self.pending.clear()
-
-    def close(self) -> None:
-        if self._sys is not None:
-            self._sys.finish()
 
 
 def metric_history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:

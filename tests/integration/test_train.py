@@ -96,7 +96,8 @@ def _train_worker_pids() -> list[int]:
 
 def test_killed_worker_restores_and_completes(ray_session, digits_dir, store, capfd):
     # checkpoints in S3, as on a cluster: the new workers restore from there
-    cfg = job(store, digits_dir, "faulty", "train.epochs=5", "run.max_failures=2", "run.storage_path=s3://vitlab/runs")
+    cfg = job(store, digits_dir, "faulty", "train.epochs=5", "run.max_failures=2", "run.storage_path=s3://vitlab/runs",
+              "train.log_every_steps=5")
     epochs = lambda: logged_epochs(cfg.tracking.uri, cfg.tracking.experiment, "faulty")  # noqa: E731
     thread, result = in_thread(lambda: train(cfg))
     try:
@@ -114,6 +115,9 @@ def test_killed_worker_restores_and_completes(ray_session, digits_dir, store, ca
     o = result["value"]
     assert o.epochs == 5
     assert history(o, "val_top1") == [1, 2, 3, 4, 5]  # no epoch lost or logged twice
+    # live step metrics: the steps trained again after the restore are not logged again, none is missing
+    steps = history(o, "train_loss_step")
+    assert steps == list(range(5, steps[-1] + 1, 5)) and steps[-1] > 100, steps
     time.sleep(2)  # Ray forwards worker and controller log lines to the driver every second
     captured = capfd.readouterr()
     logs = captured.out + captured.err

@@ -36,11 +36,13 @@ from vitlab.data.manifest import MANIFEST, MANIFEST_VERSION, load_manifest
 from vitlab.data.sources import SPLITS, Item, Listing, list_source
 from vitlab.data.transforms import READ_FORMATS, open_image
 from vitlab.errors import UserError
+from vitlab.progress import Ticker, duration, eta
 from vitlab.redact import redact
 from vitlab.train import storage
 
 log = logging.getLogger(__name__)
 
+PROGRESS_EVERY_S = 10.0  # a progress line (files done, files/s, rejects, ETA) this often, and at the end
 DEFAULT_QUALITY = 95  # for images that must be converted (CMYK, grayscale, PNG) when --quality is not given
 SCHEMA = pa.schema(
     [
@@ -146,7 +148,7 @@ def write_shard(chunk: dict[str, Any], out_uri: str, opts: EncodeOptions) -> dic
         rows["key"].append(str(key))
         rows["height"].append(h)
         rows["width"].append(w)
-    summary = {"split": chunk["split"], "file": "", "rows": 0, "sha256": "", "bytes": 0,
+    summary = {"split": chunk["split"], "file": "", "rows": 0, "sha256": "", "bytes": 0, "files": len(chunk["keys"]),
                "rejects": json.dumps(rejects), "actions": json.dumps(actions)}
     if not rows["key"]:
         return summary
@@ -278,7 +280,19 @@ def _run_shard_tasks(chunks: list[dict[str, Any]], work_uri: str, opts: EncodeOp
     ds = ray.data.from_items(chunks, override_num_blocks=len(chunks))
     # One task per shard; read, validate and write are fused in it, so nothing but summaries moves.
     ds = ds.map(write_shard, fn_kwargs={"out_uri": work_uri, "opts": opts}, num_cpus=1)
-    return ds.take_all()
+    total = sum(len(c["keys"]) for c in chunks)
+    ticker, start = Ticker(PROGRESS_EVERY_S), time.perf_counter()
+    summaries, files, rejects = [], 0, 0
+    for summary in ds.iter_rows():  # as shards finish, in any order
+        summaries.append(summary)
+        files += summary["files"]
+        rejects += len(json.loads(summary["rejects"]))
+        if ticker.due() or files == total:
+            elapsed = time.perf_counter() - start
+            log.info("prepare: %d/%d files (%.0f%%), %.0f files/s, %d rejected, ETA %s", files, total,
+                     100 * files / max(1, total), files / max(1e-9, elapsed), rejects,
+                     duration(eta(files, total, elapsed)))
+    return summaries
 
 
 def _manifest(source: str, listing: Listing, summaries: list[dict[str, Any]], opts: EncodeOptions,

@@ -9,6 +9,7 @@ from typing import Any
 
 from ray.train.v2.api.callback import UserCallback
 
+from vitlab import logs
 from vitlab.train.outbox import Outbox, deliver
 
 NOT_LOGGED = ("epoch", "step")  # the step of every metric, not metrics of their own
@@ -28,6 +29,7 @@ class EpochMetricsCallback(UserCallback):
         self.pending: list[tuple[int, dict[str, float]]] = []
 
     def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
+        logs.mark_worker_logging()  # in the controller: the outbox's warnings reach the terminal
         rank0 = metrics[0]
         self.pending.append((int(rank0["epoch"]), {k: float(v) for k, v in rank0.items()
                                                   if k not in NOT_LOGGED and isinstance(v, (int, float))}))

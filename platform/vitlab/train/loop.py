@@ -25,10 +25,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from timm.utils import ModelEmaV3
 
+from vitlab import logs
 from vitlab import model as models
 from vitlab.config import JobConfig
 from vitlab.data.pipeline import normalize_on_device, train_key
-from vitlab.tracking import StepLogger
+from vitlab.progress import TrainProgress
 from vitlab.train import state as ckpt
 from vitlab.train.optim import (
     batch_augment,
@@ -39,6 +40,8 @@ from vitlab.train.optim import (
     build_schedule,
     effective_lr,
 )
+from vitlab.train.profile import StepProfiler
+from vitlab.train.steplog import StepLogger
 
 log = logging.getLogger("vitlab.train")
 
@@ -61,6 +64,23 @@ class LoopInputs:
     resume_from: str | None  # --resume-from, used when the run has no checkpoint of its own
     epoch_clock: Any  # EpochClock actor handle
     init_weights: Any = None  # ObjectRef of model.init_from's adapted state_dict (fresh runs start from it)
+    label: str = ""  # before rank 0's lines: "trial <id>: " in a sweep, where several runs print at once
+
+
+@dataclass
+class Watchers:
+    """What rank 0 does beside training, each None when off (and on every other rank): live step metrics to
+    MLflow, progress lines, the profiler's window."""
+
+    logger: StepLogger | None = None
+    progress: TrainProgress | None = None
+    profiler: StepProfiler | None = None
+
+    def close(self) -> None:
+        if self.profiler is not None:
+            self.profiler.finish(self.profiler.end)
+        if self.logger is not None:
+            self.logger.close()
 
 
 def _all_reduce_sum(values: list[float], device) -> list[float]:
@@ -78,10 +98,14 @@ def _autocast(precision: str, device: torch.device):
 
 
 def train_one_epoch(model, batches, optimizer, schedule, scaler, loss_fn, augment, ema, cfg: JobConfig, device,
-                    step: int, epoch: int, logger) -> tuple[dict[str, float], int]:
+                    step: int, epoch: int, watch: Watchers) -> tuple[dict[str, float], int]:
     """One pass over this worker's shard; ``ema`` (or None) follows every optimizer step. Returns (metrics
     summed over workers, new optimizer step)."""
     model.train()
+    logger, progress, profiler = watch.logger, watch.progress, watch.profiler
+    epoch_first_step = step
+    if progress is not None:
+        progress.start_epoch()
     accum = cfg.optim.accum_steps
     loss_sum = correct = seen = 0.0
     wait_s = 0.0
@@ -90,7 +114,10 @@ def train_one_epoch(model, batches, optimizer, schedule, scaler, loss_fn, augmen
     optimizer.zero_grad(set_to_none=True)
     for micro, batch in enumerate(batches):
         now = time.perf_counter()
-        wait_s += now - tick
+        waited = now - tick
+        wait_s += waited
+        if profiler is not None:
+            profiler.before_step(step)
         images = normalize_on_device(batch["image"], cfg.data.mean, cfg.data.std, device, cfg.train.channels_last)
         labels = batch["label"].to(device, non_blocking=True)
         images, targets = augment(images, labels)  # random erasing, mixup/cutmix
@@ -127,9 +154,16 @@ def train_one_epoch(model, batches, optimizer, schedule, scaler, loss_fn, augmen
             lr = schedule.apply(optimizer, step)
             if logger is not None and step % cfg.train.log_every_steps == 0:
                 logger.add({"train_loss_step": loss_value, "lr_step": lr}, step)
+            if profiler is not None:
+                profiler.after_step(step)
         elif not math.isfinite(loss_value):
             raise NonFiniteLossError(f"non-finite loss at step {step} (epoch {epoch}): loss={loss_value}")
         n = labels.shape[0]
+        if progress is not None:
+            progress.add(n, waited, loss_value)
+            line = progress.line(epoch + 1, step - epoch_first_step, lr)
+            if line:
+                log.info("%s%s", progress.label, line)
         loss_sum += loss_value * n
         seen += n
         correct += (logits.detach().argmax(1) == labels).sum().item()
@@ -213,6 +247,33 @@ def _build_ema(cfg: JobConfig, model, saved: dict[str, Any] | None, rank: int):
     return ema
 
 
+def _watchers(cfg: JobConfig, inputs: LoopInputs, rank: int, world: int, steps_per_epoch: int) -> Watchers:
+    """Rank 0's step metrics, progress lines and profiler, as the job asks."""
+    logger = StepLogger(inputs.tracking_uri, inputs.run_id, cfg.tracking.system_metrics) if inputs.run_id else None
+    progress = TrainProgress(cfg.train.epochs, steps_per_epoch, world, cfg.train.log_every_seconds,
+                             inputs.label) if cfg.train.log_every_seconds else None
+    window = cfg.train.profile_steps
+    profiler = StepProfiler(window[0], window[1], inputs.tracking_uri, inputs.run_id) if window else None
+    return Watchers(logger, progress, profiler)
+
+
+ITERATOR_STATS = {"data_blocked_s": "iter_total_blocked_s", "data_user_s": "iter_user_s"}
+
+
+def _iterator_stats(shard, before: dict[str, float] | None = None) -> dict[str, float]:
+    """Ray Data's own iterator counters of this worker's shard, as Ray's image-classification release benchmark
+    reads them: seconds blocked waiting for a batch, seconds in the training code between batches, batches.
+    Cumulative in the iterator; with ``before``, this epoch's share. Empty when this Ray does not keep them."""
+    stats = getattr(shard, "_iter_stats", None)
+    if stats is None:
+        return {}
+    now = {key: float(getattr(stats, attr).get()) for key, attr in ITERATOR_STATS.items()}
+    now["data_batches"] = float(stats.iter_batches_total)
+    if before is None:
+        return now
+    return {key: value - before.get(key, 0.0) for key, value in now.items()}
+
+
 def _restore_point(inputs: LoopInputs):
     """Ray's latest checkpoint of this run (resume, or restart after a failure) wins over --resume-from."""
     found = ray.train.get_checkpoint()
@@ -226,6 +287,7 @@ def _restore_point(inputs: LoopInputs):
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     cfg: JobConfig = config["job"]
     inputs: LoopInputs = config["inputs"]
+    logs.mark_worker_logging()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
@@ -257,8 +319,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         ckpt.restore(saved, model, optimizer, scaler, rank)
         start_epoch, step = int(saved["epoch"]), int(saved["step"])
         if rank == 0:
-            log.warning("restored from %s: epoch %d done, continuing at epoch %d (step %d)",
-                        origin, start_epoch, start_epoch + 1, step)
+            log.warning("%srestored from %s: epoch %d done, continuing at epoch %d (step %d)",
+                        inputs.label, origin, start_epoch, start_epoch + 1, step)
     elif inputs.init_weights is not None:
         model.load_state_dict(ray.get(inputs.init_weights), strict=True)  # adapted and checked by the driver
     schedule.apply(optimizer, step)
@@ -267,9 +329,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     ema = _build_ema(cfg, ckpt.unwrap(model), saved, rank)
     if cfg.train.compile:
         model = torch.compile(model)
-    logger = None
-    if rank == 0 and inputs.run_id:
-        logger = StepLogger(inputs.tracking_uri, inputs.run_id, cfg.tracking.system_metrics)
+    watch = _watchers(cfg, inputs, rank, world, steps_per_epoch) if rank == 0 else Watchers()
     if rank == 0:
         ray.get(inputs.epoch_clock.set.remote(start_epoch))
     if dist.is_initialized():
@@ -282,6 +342,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     # -- epochs ----------------------------------------------------------------------------------------
     try:
         for epoch in range(start_epoch, cfg.train.epochs):
+            iter_before = _iterator_stats(train_shard)
             shuffle_seed = (cfg.train.seed * 1_000_003 + epoch * 1009 + rank) % 2**32
             batches = train_shard.iter_torch_batches(
                 batch_size=per_worker, drop_last=True, prefetch_batches=cfg.data.prefetch_batches,
@@ -289,7 +350,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 local_shuffle_seed=shuffle_seed if cfg.data.shuffle_buffer else None,
             )
             train_metrics, step = train_one_epoch(model, batches, optimizer, schedule, scaler, loss_fn, augment,
-                                                  ema, cfg, device, step, epoch, logger)
+                                                  ema, cfg, device, step, epoch, watch)
+            train_metrics.update(_iterator_stats(train_shard, before=iter_before))
             evaluated = {"": ckpt.unwrap(model), **({"_ema": ema.module} if ema is not None else {})}
             val_metrics, confusion = evaluate(
                 evaluated, val_shard.iter_torch_batches(batch_size=max(1, eval_batch),
@@ -304,9 +366,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if rank == 0:
                 ray.get(inputs.epoch_clock.set.remote(done))  # before the report barrier: next epoch's crops
                 log.info(
-                    "epoch %d/%d: train loss %.4f, val loss %.4f, val top-1 %.4f, top-5 %.4f, %.0f img/s, "
-                    "data wait %.0f%%", done, cfg.train.epochs, metrics["train_loss"], metrics["val_loss"],
-                    metrics["val_top1"], metrics["val_top5"], metrics["images_per_s"], 100 * metrics["data_wait"],
+                    "%sepoch %d/%d: train loss %.4f, val loss %.4f, val top-1 %.4f, top-5 %.4f, %.0f img/s, "
+                    "data wait %.0f%%", inputs.label, done, cfg.train.epochs, metrics["train_loss"],
+                    metrics["val_loss"], metrics["val_top1"], metrics["val_top5"], metrics["images_per_s"],
+                    100 * metrics["data_wait"],
                 )
                 if save:
                     checkpoint_dir = ckpt.write_checkpoint_dir(
@@ -317,11 +380,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             ray.train.report(metrics, checkpoint=checkpoint)
             if checkpoint_dir is not None:
                 shutil.rmtree(checkpoint_dir, ignore_errors=True)  # persisted to run storage by now
-            if logger is not None and save:
-                # Wait until the controller has registered the checkpoint: only then can a failure no longer
-                # send training back before these steps, so only then are their metrics logged.
-                ray.train.get_all_reported_checkpoints()
-                logger.flush()
+            if watch.progress is not None:
+                watch.progress.end_epoch()
     finally:
-        if logger is not None:
-            logger.close()
+        watch.close()

@@ -17,8 +17,8 @@ import numpy as np
 import ray
 import torch
 
+from vitlab import logs, plots, tracking
 from vitlab import model as models
-from vitlab import plots, tracking
 from vitlab.cluster import connect
 from vitlab.config import JobConfig
 from vitlab.data.manifest import Manifest
@@ -83,16 +83,21 @@ def train(cfg: JobConfig, resume_from: str | None = None, parent_run_id: str | N
     has_checkpoints = storage.has_checkpoints(run_dir)
     # model.init_from starts a fresh run only: a resumed run continues from its own checkpoint
     init = _init_weights(cfg, manifest, uri) if not (resume_from or has_checkpoints) else None
+    logs.keep_log_in(run_dir)  # every check passed: the command's log continues in the run's directory
     connect()
     run_id, resumed = tracking.start_run(uri, cfg.tracking.experiment, tracking_key or run_dir, cfg.run.name,
                                          cfg.flat(), {**tracking.run_tags(cfg, manifest), **_lineage(init)},
-                                         parent_run_id, resume=tracking_key is not None or has_checkpoints)
-    log.info("MLflow run %s (%s) at %s", run_id, "resumed" if resumed else "new", redact(uri))
+                                         parent_run_id, resume=tracking_key is not None or has_checkpoints,
+                                         inputs=manifest)
+    # a sweep's trials: in the log file only (the sweep's status lines say what the trials do)
+    log.log(logging.DEBUG if tracking_key else logging.INFO, "MLflow run %s (%s) at %s", run_id,
+            "resumed" if resumed else "new", redact(uri))
     outbox = Outbox(run_dir)
     deliver(uri, run_id, outbox)  # epochs an earlier start of this run could not send
     inputs = LoopInputs(num_classes=manifest.num_classes, train_rows=manifest.rows("train"), tracking_uri=uri,
                         run_id=run_id, resume_from=resume_from, epoch_clock=start_epoch_clock(),
-                        init_weights=ray.put(init.state_dict) if init else None)
+                        init_weights=ray.put(init.state_dict) if init else None,
+                        label=f"trial {cfg.run.name}: " if tracking_key else "")
     # The MLflow logger first: a sweep's forwarding callback after it hands the epoch to Tune, whose
     # scheduler may stop the trial at once; by then the epoch is in MLflow.
     trainer = build_trainer(cfg, manifest, inputs, [EpochMetricsCallback(uri, run_id, run_dir),

@@ -1,11 +1,17 @@
-"""Ray Tune callbacks (they run on the sweep's driver): the sweep's MLflow parent run and its trials' ends."""
+"""Ray Tune callbacks (they run on the sweep's driver): the sweep's MLflow parent run and its trials' ends, and
+the status lines the driver prints."""
 
 from __future__ import annotations
+
+import logging
 
 import mlflow
 from ray.tune import Callback
 
 from vitlab import tracking
+from vitlab.progress import Ticker
+
+log = logging.getLogger("vitlab.tune.sweep")
 
 
 def trial_key(sweep_dir: str, trial_id: str) -> str:
@@ -52,3 +58,55 @@ class ParentRunCallback(Callback):
         if child is not None:
             client.set_tag(child, "vitlab.trial_status", "errored")
             client.set_terminated(child, status="FAILED")
+
+
+class SweepStatusCallback(Callback):
+    """The sweep's progress on the driver: a line when a trial ends, and every ``every_s`` a compact table:
+    trials running, pending, done (completed, stopped early, errored), and the best so far with its values."""
+
+    def __init__(self, name: str, metric: str, mode: str, epochs: int, params: list[str], every_s: float = 30.0):
+        self.name, self.metric, self.mode, self.epochs, self.params = name, metric, mode, epochs, params
+        self.ticker = Ticker(every_s)
+
+    def on_step_end(self, iteration, trials, **info) -> None:
+        if self.ticker.due():
+            log.info("%s", self.table(trials))
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        result = trial.last_result or {}
+        epochs = int(result.get("epoch", 0))
+        how = "completed" if epochs >= self.epochs else f"stopped early after {epochs} epochs"
+        log.info("trial %s %s: %s %s", trial.trial_id, how, self.metric, _value(result.get(self.metric)))
+        log.info("%s", self.table(trials, ending=(trial, "TERMINATED")))
+
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        log.warning("trial %s errored", trial.trial_id)
+        log.info("%s", self.table(trials, ending=(trial, "ERROR")))
+
+    def table(self, trials, ending=None) -> str:
+        """``ending``: (trial, its final status) when Tune calls back before setting that status."""
+        counts = {"running": 0, "pending": 0, "completed": 0, "stopped": 0, "errored": 0}
+        best = None
+        for t in trials:
+            result = t.last_result or {}
+            status = ending[1] if ending is not None and t is ending[0] else t.status
+            if status == "RUNNING":
+                counts["running"] += 1
+            elif status == "ERROR":
+                counts["errored"] += 1
+            elif status == "TERMINATED":
+                counts["completed" if int(result.get("epoch", 0)) >= self.epochs else "stopped"] += 1
+            else:
+                counts["pending"] += 1
+            value = (t.metric_analysis.get(self.metric) or {}).get(self.mode)
+            if value is not None and (best is None or (value > best[0] if self.mode == "max" else value < best[0])):
+                best = (value, t)
+        head = f"sweep {self.name}: " + ", ".join(f"{n} {k}" for k, n in counts.items())
+        if best is None:
+            return head + "; no result yet"
+        values = ", ".join(f"{k}={_value(best[1].config.get(k))}" for k in self.params if k in best[1].config)
+        return f"{head}; best {self.metric} {_value(best[0])} (trial {best[1].trial_id}: {values})"
+
+
+def _value(v) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)

@@ -16,6 +16,7 @@ import csv
 import json
 import logging
 import math
+import os
 import queue
 import tempfile
 import threading
@@ -28,7 +29,7 @@ import ray
 from ray import tune
 from ray.util.queue import Queue
 
-from vitlab import plots, tracking
+from vitlab import logs, plots, tracking
 from vitlab.cluster import connect
 from vitlab.config import JobConfig
 from vitlab.errors import UserError
@@ -38,12 +39,13 @@ from vitlab.train.callbacks import ForwardToQueue
 from vitlab.train.preflight import Checked, check_job, preflight
 from vitlab.train.run import train
 from vitlab.tune import space
-from vitlab.tune.callbacks import ParentRunCallback, trial_key
+from vitlab.tune.callbacks import ParentRunCallback, SweepStatusCallback, trial_key
 from vitlab.tune.space import SweepSpec
 
 log = logging.getLogger(__name__)
 
 POINTER_FILE = "train_checkpoint.json"
+STATUS_EVERY_S = 30.0  # the driver's status table
 BEST_FILE = "best.yaml"
 
 
@@ -81,6 +83,7 @@ def _report(metrics: dict[str, Any], train_ckpt: str | None, generation: int) ->
 def run_trial(config: dict[str, Any], base: JobConfig, sweep_dir: str, parent_run_id: str,
               checked: Checked) -> None:
     """Tune's trainable: build the trial's JobConfig, fit it, forward each epoch's metrics to Tune."""
+    logs.mark_worker_logging()
     trial_id = tune.get_context().get_trial_id()
     pointer = _read_pointer(tune.get_checkpoint())
     own_prefix = trial_key(sweep_dir, trial_id)
@@ -181,6 +184,7 @@ def run_sweep(base: JobConfig, spec: SweepSpec, space_path: str, resume: bool = 
         raise UserError(f"--resume: no sweep to resume at {sweep_dir}")
     if not resume and tune.Tuner.can_restore(sweep_dir):
         raise UserError(f"{sweep_dir}: a sweep of that name exists; pass --resume to continue it, or set run.name")
+    logs.keep_log_in(sweep_dir)
     connect()
     uri = checked.tracking_uri
     parent_params = {"space": json.dumps(spec.params), "scheduler": json.dumps(spec.scheduler),
@@ -188,9 +192,9 @@ def run_sweep(base: JobConfig, spec: SweepSpec, space_path: str, resume: bool = 
                      "num_samples": spec.num_samples, "job": json.dumps(base.to_dict())}
     parent_id, _ = tracking.start_run(uri, base.tracking.experiment, sweep_dir, name, parent_params,
                                       {**tracking.run_tags(base, checked.manifest), "vitlab.kind": "sweep"},
-                                      resume=resume)
+                                      resume=resume, inputs=checked.manifest)
     concurrency = auto_concurrency(base) if spec.max_concurrent_trials == "auto" else spec.max_concurrent_trials
-    log.info("sweep %s: %d trials, %d at a time, scheduler %s, search %s", name, spec.num_samples, concurrency,
+    log.info("sweep %s: %d trials, %d at a time, scheduler %s, search %s", name, expected_trials(spec), concurrency,
              spec.scheduler["name"], spec.search["name"])
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, base=base, sweep_dir=sweep_dir, parent_run_id=parent_id, checked=checked),
@@ -198,7 +202,12 @@ def run_sweep(base: JobConfig, spec: SweepSpec, space_path: str, resume: bool = 
         # non-empty request).
         {"CPU": 0, "memory": 64 * 1024**2},
     )
-    callback = ParentRunCallback(uri, parent_id, spec.metric, spec.mode, base.train.epochs, sweep_dir)
+    # Tune's own console output off: its new output engine prints a banner and paths even at verbose=0, the
+    # legacy one prints nothing at verbose=0. SweepStatusCallback says what vitlab users need.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    callbacks = [ParentRunCallback(uri, parent_id, spec.metric, spec.mode, base.train.epochs, sweep_dir),
+                 SweepStatusCallback(name, spec.metric, spec.mode, base.train.epochs, list(spec.params),
+                                     STATUS_EVERY_S)]
     start = time.perf_counter()
     if resume:
         tuner = tune.Tuner.restore(sweep_dir, trainable=trainable, resume_unfinished=True, resume_errored=True)
@@ -211,7 +220,7 @@ def run_sweep(base: JobConfig, spec: SweepSpec, space_path: str, resume: bool = 
                 max_concurrent_trials=concurrency, scheduler=space.scheduler(spec, base.train.epochs),
                 search_alg=space.search_alg(spec, base_point(spec, base), base.train.seed, concurrency),
             ),
-            run_config=tune.RunConfig(name=name, storage_path=root, callbacks=[callback],
+            run_config=tune.RunConfig(name=name, storage_path=root, callbacks=callbacks, verbose=0,
                                       failure_config=tune.FailureConfig(max_failures=0)),
         )
     try:
