@@ -6,7 +6,8 @@ vitlab's records (INFO and up) and anyone's errors. Ray's, MLflow's and Python's
 output of Ray's processes (Train workers, the controller, Ray Data): vitlab's lines there carry
 ``WORKER_MARK`` (``mark_worker_logging``) and reach the terminal without Ray's prefix; Python tracebacks and
 the raylet's and autoscaler's notices (a worker killed for memory, nodes added) reach it in full; the rest goes
-to the file only. With ``-v`` the terminal shows everything as well.
+to the file only. Information goes to stdout, warnings and errors to stderr (a bad input's one-line error is
+then all that stderr holds). With ``-v`` the terminal shows everything as well.
 """
 
 from __future__ import annotations
@@ -95,7 +96,8 @@ def default_log_path(command: str) -> Path:
 
 
 def setup(verbose: bool, path: Path | None) -> None:
-    """Route this process's log records: the terminal (stderr) and, when ``path`` is given, the log file.
+    """Route this process's log records: the terminal (information on stdout, warnings and errors on stderr)
+    and, when ``path`` is given, the log file.
     Idempotent: a second call (tests run several commands in one process) replaces the first one's handlers."""
     global _routing
     root = logging.getLogger()

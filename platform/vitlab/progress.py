@@ -64,9 +64,10 @@ class TrainProgress:
         self.ticker = Ticker(self.every_s)
 
     def start_epoch(self) -> None:
+        """A new window (the evaluation between epochs is not training time); the ticker runs on across
+        epochs, so short epochs still get a line every ``every_s``."""
         self.epoch_start = self.window_start = time.perf_counter()
         self.images, self.wait_s, self.loss_sum, self.micro = 0, 0.0, 0.0, 0
-        self.ticker.last = time.monotonic()
 
     def end_epoch(self) -> None:
         self.epoch_walls.append(time.perf_counter() - self.epoch_start)

@@ -127,8 +127,8 @@ params:
     assert "restored from latest checkpoint of this run" in proc.stdout + proc.stderr
     # the driver's status: a line per finished trial and the table after it; none of Tune's own banners
     assert re.search(r"trial \w+ completed: val_top1 0\.\d+", proc.stdout), proc.stdout[-3000:]
-    assert re.search(r"sweep tiny-space: 0 running, 0 pending, 3 completed, 0 stopped, 0 errored; best val_top1 "
-                     r"0\.\d+ \(trial \w+: optim\.lr=0\.00\d\)", proc.stdout), proc.stdout[-3000:]
+    assert re.search(r"sweep tiny-space: 3 of 3 trials done \(3 completed, 0 stopped early, 0 errored\), 0 running; "
+                     r"best val_top1 0\.\d+ \(trial \w+: optim\.lr=0\.00\d\)", proc.stdout), proc.stdout[-3000:]
     assert "Configuration for experiment" not in proc.stdout + proc.stderr
     children = _children(uri, "tiny-space")
     assert len(children) == 3

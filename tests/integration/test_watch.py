@@ -153,10 +153,12 @@ def test_sweep_prints_its_status(cli_sweep):
         assert chatter not in proc.stdout + proc.stderr, (chatter, proc.stderr[-3000:])
     out = proc.stdout
     assert re.search(r"sweep swept-space: 2 trials, 1 at a time, scheduler fifo", out), out
-    finished = re.findall(r"trial (\w+) completed: val_top1 0\.\d+", out)
+    finished = re.findall(r"trial (\w+) completed: val_top1 0\.\d+ \(best 0\.\d+\)", out)
     assert sorted(finished) == sorted(t["id"] for t in report["trials"]), out
-    assert re.search(r"sweep swept-space: 0 running, 0 pending, 2 completed, 0 stopped, 0 errored; best val_top1 "
-                     r"0\.\d+ \(trial \w+: optim\.lr=0\.00\d\)", out), out
+    assert re.search(r"sweep swept-space: 1 of 2 trials done \(1 completed, 0 stopped early, 0 errored\), "
+                     r"\d running; best val_top1 0\.\d+ \(trial \w+: optim\.lr=0\.00\d\)", out), out
+    assert re.search(r"sweep swept-space: 2 of 2 trials done \(2 completed, 0 stopped early, 0 errored\), "
+                     r"0 running; best val_top1 0\.\d+ \(trial \w+: optim\.lr=0\.00\d\)", out), out
     assert re.search(r"trial \w+: epoch 2/2: train loss", out)  # each trial's lines say whose they are
 
 

@@ -72,6 +72,11 @@ def test_ray_output_routing(routed, capsys):
     assert "Setting up process group" not in err and "Checkpoint successfully" not in err
     assert "Reporting training result" not in err  # the traceback ended with its exception line
     assert printed == [{"pid": "raylet", "lines": ["A worker died or was killed (OOM)"]}]  # Ray prints the raylet's
+    # the controller reports the same error: shown once, then named
+    logs._route({**worker, "pid": 42, "actor_name": "TrainController", "lines": worker["lines"][4:7]}, printed.append)
+    again = capsys.readouterr().err
+    assert again.strip() == ("(TrainController pid=42) vitlab.train.loop.NonFiniteLossError: non-finite loss at "
+                             "step 7  [traceback as above]"), again
     text = routed.read_text()
     assert "(RayTrainWorker pid=41) Setting up process group" in text and "Reporting training result 1" in text
 

@@ -62,10 +62,12 @@ class ParentRunCallback(Callback):
 
 class SweepStatusCallback(Callback):
     """The sweep's progress on the driver: a line when a trial ends, and every ``every_s`` a compact table:
-    trials running, pending, done (completed, stopped early, errored), and the best so far with its values."""
+    trials done of the total (completed, stopped early, errored), running, and the best so far with its values."""
 
-    def __init__(self, name: str, metric: str, mode: str, epochs: int, params: list[str], every_s: float = 30.0):
+    def __init__(self, name: str, metric: str, mode: str, epochs: int, params: list[str], total: int,
+                 every_s: float = 30.0):
         self.name, self.metric, self.mode, self.epochs, self.params = name, metric, mode, epochs, params
+        self.total = total  # the sweep's trials (a searcher creates them one by one: Tune does not list them all)
         self.ticker = Ticker(every_s)
 
     def on_step_end(self, iteration, trials, **info) -> None:
@@ -76,7 +78,9 @@ class SweepStatusCallback(Callback):
         result = trial.last_result or {}
         epochs = int(result.get("epoch", 0))
         how = "completed" if epochs >= self.epochs else f"stopped early after {epochs} epochs"
-        log.info("trial %s %s: %s %s", trial.trial_id, how, self.metric, _value(result.get(self.metric)))
+        best = (trial.metric_analysis.get(self.metric) or {}).get(self.mode)
+        log.info("trial %s %s: %s %s (best %s)", trial.trial_id, how, self.metric, _value(result.get(self.metric)),
+                 _value(best))
         log.info("%s", self.table(trials, ending=(trial, "TERMINATED")))
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
@@ -101,7 +105,9 @@ class SweepStatusCallback(Callback):
             value = (t.metric_analysis.get(self.metric) or {}).get(self.mode)
             if value is not None and (best is None or (value > best[0] if self.mode == "max" else value < best[0])):
                 best = (value, t)
-        head = f"sweep {self.name}: " + ", ".join(f"{n} {k}" for k, n in counts.items())
+        done = counts["completed"] + counts["stopped"] + counts["errored"]
+        head = (f"sweep {self.name}: {done} of {self.total} trials done ({counts['completed']} completed, "
+                f"{counts['stopped']} stopped early, {counts['errored']} errored), {counts['running']} running")
         if best is None:
             return head + "; no result yet"
         values = ", ".join(f"{k}={_value(best[1].config.get(k))}" for k in self.params if k in best[1].config)

@@ -207,7 +207,7 @@ def run_sweep(base: JobConfig, spec: SweepSpec, space_path: str, resume: bool = 
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     callbacks = [ParentRunCallback(uri, parent_id, spec.metric, spec.mode, base.train.epochs, sweep_dir),
                  SweepStatusCallback(name, spec.metric, spec.mode, base.train.epochs, list(spec.params),
-                                     STATUS_EVERY_S)]
+                                     expected_trials(spec), STATUS_EVERY_S)]
     start = time.perf_counter()
     if resume:
         tuner = tune.Tuner.restore(sweep_dir, trainable=trainable, resume_unfinished=True, resume_errored=True)
