@@ -190,7 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="side-by-side benchmarks").add_subparsers(dest="bench_command",
                                                                                   required=True)
-    bd = bench.add_parser("data", help="Ray Data pipeline vs the seed's torch DataLoader over ImageFolder")
+    bd = bench.add_parser("data", help="Ray Data pipeline vs the decode ceiling and the seed's DataLoader (original "
+                          "files and the shards' bytes)")
     bd.add_argument("source", help="a class-folder tree (train/<class>/*.JPEG), e.g. from 'vitlab data synth'")
     bd.add_argument("--image-size", type=int, default=224)
     bd.add_argument("--batch-size", type=int, default=128)

@@ -1,6 +1,9 @@
-"""`vitlab bench data` in quick mode: both sides run in one invocation and the ratio is theirs."""
+"""`vitlab bench data` in quick mode: the ceiling, the seed's DataLoader on the original and on the shards' bytes,
+and the Ray Data pipeline run in one invocation, and the ratios are theirs."""
 
 import json
+
+import pytest
 
 from tests.support.cli import run_cli
 
@@ -14,10 +17,17 @@ def test_bench_data_quick(ray_session, tmp_path):
                    "--max-side", "48", "--output-json", out)
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(out.read_text())
-    for key in ("ray_data_images_per_s", "torch_dataloader_images_per_s", "ratio", "prepare_s", "settings"):
-        assert key in report
-    assert report["ray_data_images_per_s"] > 0 and report["torch_dataloader_images_per_s"] > 0
-    expected = report["ray_data_images_per_s"] / report["torch_dataloader_images_per_s"]
-    assert abs(report["ratio"] - expected) < 0.01 * expected + 1e-3
-    assert report["settings"]["train_images"] == 16 and report["settings"]["max_side"] == 48
-    assert "ratio (vitlab / seed)" in proc.stdout
+    rates = ("ray_data_images_per_s", "torch_dataloader_images_per_s", "torch_dataloader_same_bytes_images_per_s",
+             "ceiling_images_per_s")
+    assert all(report[key] > 0 for key in rates), report
+    ray_rate = report["ray_data_images_per_s"]
+    for ratio, base in (("ratio", "torch_dataloader_images_per_s"), ("share_of_ceiling", "ceiling_images_per_s"),
+                        ("ratio_same_bytes", "torch_dataloader_same_bytes_images_per_s")):
+        expected = ray_rate / report[base]
+        assert abs(report[ratio] - expected) < 0.01 * expected + 1e-3, (ratio, report)
+    settings = report["settings"]
+    assert settings["train_images"] == 16 and settings["max_side"] == 48
+    assert report["ceiling_images_per_s"] == pytest.approx(report["ceiling_per_core_images_per_s"]
+                                                           * settings["ceiling_cores"], rel=0.01)
+    assert settings["cores"] >= 1 and len(settings["load_avg_1m"]) == 2
+    assert "(d)/(c) same bytes" in proc.stdout and "ratio (vitlab / seed)" in proc.stdout
