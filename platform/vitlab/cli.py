@@ -243,9 +243,11 @@ def _validate_common(args: argparse.Namespace) -> None:
 
 
 # Commands that run Ray, MLflow or torch work: their third-party chatter goes to a log file, named at the end.
-# The value: whether the command uses Ray (its loggers are then set up, and adopted, before it starts).
-LOGGED_COMMANDS = {"data prepare": True, "train": True, "sweep": True, "bench data": True, "bench train": True,
-                   "export": False, "predict": False, "register": False, "bench infer": False}
+# The value: the libraries (beside MLflow) the command uses, imported first so that the loggers they set up at
+# import are adopted before they say anything.
+LOGGED_COMMANDS = {"data prepare": ("ray",), "train": ("ray", "torch"), "sweep": ("ray", "torch"),
+                   "bench data": ("ray", "torch"), "bench train": ("ray", "torch"), "export": ("torch",),
+                   "predict": ("torch",), "register": (), "bench infer": ("torch",)}
 
 
 def command_name(args: argparse.Namespace) -> str:
@@ -263,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         _validate_common(args)
         if name in LOGGED_COMMANDS:
-            logs.import_quietly(with_ray=LOGGED_COMMANDS[name])
+            logs.import_quietly(LOGGED_COMMANDS[name])
         func(args)
     except UserError as e:  # bad input: the one line says it all
         print(f"vitlab: error: {redact(str(e))}", file=sys.stderr)

@@ -28,7 +28,7 @@ from vitlab.redact import RedactFilter, redact
 WORKER_MARK = "[vitlab] "
 LOG_FILE = "vitlab.log"  # in the run directory of a training or sweep
 FILE_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-THIRD_PARTY = ("ray", "mlflow", "alembic", "urllib3", "botocore", "filelock", "py.warnings")
+THIRD_PARTY = ("ray", "mlflow", "torch", "alembic", "urllib3", "botocore", "filelock", "py.warnings")
 _TRACEBACK_START = "Traceback (most recent call last):"
 _MARKED = re.compile(re.escape(WORKER_MARK) + r"(?P<level>[A-Z]+) (?P<message>.*)")
 
@@ -172,17 +172,30 @@ def adopt_third_party_loggers() -> None:
             continue
         logger = logging.getLogger(name)
         for handler in list(logger.handlers):
-            if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+            if _writes_to_console(handler):
                 logger.removeHandler(handler)
         logger.propagate = True
 
 
-def import_quietly(with_ray: bool) -> None:
-    """Import MLflow (and Ray, Ray Data) now, so the loggers they configure at import are adopted before they
-    say anything; for commands that will use them anyway."""
+def _writes_to_console(handler: logging.Handler) -> bool:
+    """A StreamHandler that is not a file, or any handler whose stream is stdout/stderr (torch's follows the
+    current sys.stderr without being a StreamHandler)."""
+    if isinstance(handler, logging.FileHandler):
+        return False
+    if isinstance(handler, logging.StreamHandler):
+        return True
+    consoles = (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__)
+    return any(getattr(handler, "stream", None) is c for c in consoles)
+
+
+def import_quietly(libraries: tuple[str, ...]) -> None:
+    """Import MLflow and the ``libraries`` ("ray": Ray and Ray Data; "torch") now, so the loggers they set up at
+    import are adopted before they say anything; for commands that will use them anyway."""
     import mlflow  # noqa: F401
 
-    if with_ray:
+    if "torch" in libraries:
+        import torch  # noqa: F401  (its "torch" loggers: inductor's notes when compiling)
+    if "ray" in libraries:
         import ray  # noqa: F401
         import ray.data  # noqa: F401
         from ray.data import DataContext

@@ -141,3 +141,31 @@ def test_manifest_splits_are_mlflow_datasets(tmp_path):
     assert train.name == "shards/train" and train.digest == ("ab" * 32)[:36] and str(tmp_path) in train.source
     assert json.loads(train.profile)["rows"] == 12 and "label" in train.schema
     assert json.loads(found["validation"]._to_mlflow_entity().profile)["rows"] == 4
+
+
+def test_third_party_console_handlers_are_adopted(routed, capsys):
+    class FollowsStderr(logging.Handler):  # like torch's _StderrHandler: not a StreamHandler
+        @property
+        def stream(self):
+            import sys
+
+            return sys.stderr
+
+        def emit(self, record):
+            self.stream.write(record.getMessage() + "\n")
+
+    logger = logging.getLogger("torch.utils.fake_ext")
+    file_handler = logging.FileHandler(routed.parent / "theirs.log")
+    logger.addHandler(FollowsStderr())
+    logger.addHandler(file_handler)
+    logger.propagate = False
+    try:
+        logs.adopt_third_party_loggers()
+        logger.warning("No CUDA runtime is found")
+        captured = capsys.readouterr()
+        assert "No CUDA runtime" not in captured.out + captured.err  # not on the terminal
+        assert "No CUDA runtime" in routed.read_text()  # in ours
+        assert logger.handlers == [file_handler]  # their own file handler stays
+    finally:
+        logger.handlers.clear()
+        file_handler.close()
