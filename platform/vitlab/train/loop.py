@@ -78,7 +78,7 @@ class Watchers:
 
     def close(self) -> None:
         if self.profiler is not None:
-            self.profiler.finish(self.profiler.end)
+            self.profiler.finish()
         if self.logger is not None:
             self.logger.close()
 

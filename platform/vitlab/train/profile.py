@@ -23,6 +23,7 @@ class StepProfiler:
         self.start, self.end, self.uri, self.run_id = start, end, uri, run_id
         self.prof: torch.profiler.profile | None = None
         self.done = False
+        self.first = self.steps_done = start  # the window's first optimizer step; steps done so far
 
     def before_step(self, step: int) -> None:
         """``step``: the optimizer step about to run (0-based)."""
@@ -36,13 +37,15 @@ class StepProfiler:
 
     def after_step(self, step: int) -> None:
         """``step``: the number of optimizer steps done."""
+        self.steps_done = step
         if self.prof is not None and step >= self.end:
-            self.finish(step)
+            self.finish()
 
-    def finish(self, step: int) -> None:
+    def finish(self) -> None:
         """Stop (also when training ends inside the window) and record the trace and the table."""
         if self.prof is None:
             return
+        step = self.steps_done
         prof, self.prof, self.done = self.prof, None, True
         prof.__exit__(None, None, None)
         sort = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
