@@ -6,6 +6,8 @@ import logging
 import os
 import socket
 
+from vitlab import logs
+
 log = logging.getLogger(__name__)
 
 
@@ -23,8 +25,6 @@ def connect(num_cpus: int | None = None) -> None:
     """Connect once per process. ``RAY_ADDRESS`` (or a job's own cluster) wins; otherwise start a local
     Ray whose dashboard listens on 127.0.0.1 only (Ray Train's state checks need the dashboard)."""
     import ray
-
-    from vitlab import logs
 
     if ray.is_initialized():
         return

@@ -168,7 +168,7 @@ def adopt_third_party_loggers() -> None:
     if _routing is None:
         return
     for name in list(logging.Logger.manager.loggerDict):
-        if name.split(".")[0] not in THIRD_PARTY and name not in THIRD_PARTY:
+        if not any(name == lib or name.startswith(lib + ".") for lib in THIRD_PARTY):
             continue
         logger = logging.getLogger(name)
         for handler in list(logger.handlers):

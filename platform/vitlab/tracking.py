@@ -330,7 +330,6 @@ def end_run(uri: str, run_id: str, status: str) -> None:
     mlflow.MlflowClient(tracking_uri=uri).set_terminated(run_id, status=status)
 
 
-
 def end_run_quietly(uri: str, run_id: str, status: str) -> None:
     """Mark the MLflow run ended, on the way out of a command: a tracking failure here is a warning, never what
     the command reports."""

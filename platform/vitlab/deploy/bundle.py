@@ -156,7 +156,7 @@ def _fetch(spec: str, tmp: Path) -> str:
 
 
 def _newest_checkpoint(run: str) -> str | None:
-    names = sorted(n for n in storage.list_names(run) if n.startswith("checkpoint_") and not n.endswith(".json"))
+    names = storage.checkpoint_names(run)
     return storage.join(run, names[-1]) if names else None
 
 

@@ -138,10 +138,15 @@ def run_dir(cfg: JobConfig) -> str:
     return join(storage_root(cfg), cfg.run.name or "vitlab")
 
 
+def checkpoint_names(location: str) -> list[str]:
+    """The checkpoint_* directories of a Train run directory, oldest first (their names carry the time)."""
+    return sorted(name for name in list_names(location)
+                  if name.startswith("checkpoint_") and not name.endswith(".json"))  # not Ray's manager snapshot
+
+
 def has_checkpoints(location: str) -> bool:
     """Whether a Train run directory already holds checkpoints (so a run there resumes)."""
-    return any(name.startswith("checkpoint_") and not name.endswith(".json")  # not Ray's manager snapshot
-               for name in list_names(location))
+    return bool(checkpoint_names(location))
 
 
 def checkpoint_location(cfg: JobConfig, checkpoint_path: str) -> str:

@@ -14,6 +14,11 @@ from vitlab.progress import Ticker
 log = logging.getLogger("vitlab.tune.sweep")
 
 
+def ended_as(epochs_done: int, epochs: int) -> str:
+    """How a finished trial ended: "completed" (all epochs) or "stopped_early" (by the scheduler)."""
+    return "completed" if epochs_done >= epochs else "stopped_early"
+
+
 def trial_key(sweep_dir: str, trial_id: str) -> str:
     """The MLflow run key of a trial: its Train runs' directory prefix, whatever generation (PBT) is running."""
     return f"{sweep_dir}/trials/{trial_id}"
@@ -48,7 +53,7 @@ class ParentRunCallback(Callback):
         if child is None:
             return
         epochs = int((trial.last_result or {}).get("epoch", 0))
-        status = "completed" if epochs >= self.epochs else "stopped_early"
+        status = ended_as(epochs, self.epochs)
         client.set_tag(child, "vitlab.trial_status", status)
         if status == "stopped_early":
             client.set_terminated(child, status="KILLED")
@@ -77,7 +82,7 @@ class SweepStatusCallback(Callback):
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         result = trial.last_result or {}
         epochs = int(result.get("epoch", 0))
-        how = "completed" if epochs >= self.epochs else f"stopped early after {epochs} epochs"
+        how = "completed" if ended_as(epochs, self.epochs) == "completed" else f"stopped early after {epochs} epochs"
         best = (trial.metric_analysis.get(self.metric) or {}).get(self.mode)
         log.info("trial %s %s: %s %s (best %s)", trial.trial_id, how, self.metric, _value(result.get(self.metric)),
                  _value(best))
@@ -89,25 +94,22 @@ class SweepStatusCallback(Callback):
 
     def table(self, trials, ending=None) -> str:
         """``ending``: (trial, its final status) when Tune calls back before setting that status."""
-        counts = {"running": 0, "pending": 0, "completed": 0, "stopped": 0, "errored": 0}
+        counts = {"running": 0, "completed": 0, "stopped_early": 0, "errored": 0}
         best = None
         for t in trials:
-            result = t.last_result or {}
             status = ending[1] if ending is not None and t is ending[0] else t.status
             if status == "RUNNING":
                 counts["running"] += 1
             elif status == "ERROR":
                 counts["errored"] += 1
             elif status == "TERMINATED":
-                counts["completed" if int(result.get("epoch", 0)) >= self.epochs else "stopped"] += 1
-            else:
-                counts["pending"] += 1
+                counts[ended_as(int((t.last_result or {}).get("epoch", 0)), self.epochs)] += 1
             value = (t.metric_analysis.get(self.metric) or {}).get(self.mode)
             if value is not None and (best is None or (value > best[0] if self.mode == "max" else value < best[0])):
                 best = (value, t)
-        done = counts["completed"] + counts["stopped"] + counts["errored"]
+        done = counts["completed"] + counts["stopped_early"] + counts["errored"]
         head = (f"sweep {self.name}: {done} of {self.total} trials done ({counts['completed']} completed, "
-                f"{counts['stopped']} stopped early, {counts['errored']} errored), {counts['running']} running")
+                f"{counts['stopped_early']} stopped early, {counts['errored']} errored), {counts['running']} running")
         if best is None:
             return head + "; no result yet"
         values = ", ".join(f"{k}={_value(best[1].config.get(k))}" for k in self.params if k in best[1].config)

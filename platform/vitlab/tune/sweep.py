@@ -39,7 +39,7 @@ from vitlab.train.callbacks import ForwardToQueue
 from vitlab.train.preflight import Checked, check_job, preflight
 from vitlab.train.run import train
 from vitlab.tune import space
-from vitlab.tune.callbacks import ParentRunCallback, SweepStatusCallback, trial_key
+from vitlab.tune.callbacks import ParentRunCallback, SweepStatusCallback, ended_as, trial_key
 from vitlab.tune.space import SweepSpec
 
 log = logging.getLogger(__name__)
@@ -265,7 +265,7 @@ def _rows(grid, spec: SweepSpec, epochs: int) -> list[TrialRow]:
         if result.error is not None:
             status = "errored"
         else:
-            status = "completed" if done >= epochs else "stopped_early"
+            status = ended_as(done, epochs)
         values = list(df[spec.metric].dropna()) if df is not None and spec.metric in df else []
         if not values and spec.metric in metrics:
             values = [metrics[spec.metric]]  # a PBT-restarted trial's dataframe can come back empty
