@@ -10,3 +10,8 @@ from vitlab.cluster import LOOPBACK_ENV
 # Every Ray the tests start keeps its traffic on loopback (Ray resolves 127.0.0.1 to the interface address
 # otherwise); set before any Ray is imported, and inherited by the processes the tests run.
 os.environ[LOOPBACK_ENV] = "0"
+
+# The Train controller polls its workers for reports every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s by default),
+# taking one report per worker per poll: the tests' epochs and checkpoints last well under that, so each report
+# would wait on the poll. A quarter second keeps a tiny run's reports from queueing (a 2-epoch run: 24 s -> 18 s).
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")

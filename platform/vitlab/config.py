@@ -151,6 +151,12 @@ class RunSection(Section):
     name: str | None = None  # default: derived from the job file's name
     storage_path: str = "runs"
     checkpoint_every: int = Field(1, ge=1)
+    # Also checkpoint inside an epoch, after every this many optimizer steps (0 = off): a restart continues
+    # the epoch at the exact image, on any number of workers (data/positions.py).
+    checkpoint_every_steps: int = Field(0, ge=0)
+    # async: Ray uploads a checkpoint in the background and training goes on at once; sync: training waits
+    # until the checkpoint is in run storage.
+    checkpoint_upload: Literal["sync", "async"] = "async"
     keep_checkpoints: int = Field(2, ge=1)
     max_failures: int = Field(0, ge=-1)
     # Which weights become best_model.pt (and which metric ranks the kept checkpoints): the live weights'
@@ -183,6 +189,25 @@ class JobConfig(Section):
                 f"over scaling.num_workers={self.scaling.num_workers}"
             )
         return self
+
+    @model_validator(mode="after")
+    def _mid_epoch_position(self) -> JobConfig:
+        if not self.run.checkpoint_every_steps:
+            return self
+        if self.data.repeated_aug > 1:
+            raise ValueError("run.checkpoint_every_steps cannot be combined with data.repeated_aug > 1 (a "
+                             "mid-epoch position is kept for plain streams only); set one of them off")
+        if self.data.shuffle_buffer:
+            raise ValueError("run.checkpoint_every_steps needs data.shuffle_buffer=0: a mid-epoch position "
+                             "is exact only while batches come in the epoch's order (shards and rows are "
+                             "shuffled already)")
+        return self
+
+    @property
+    def positional_stream(self) -> bool:
+        """Each worker reads its own piece of the epoch's image sequence, in order (data/positions.py): what
+        mid-epoch checkpoints need."""
+        return self.run.checkpoint_every_steps > 0
 
     @model_validator(mode="after")
     def _ema_for_best_by(self) -> JobConfig:

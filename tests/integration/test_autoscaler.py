@@ -69,6 +69,16 @@ def monitor_log(head) -> str:
                    for p in Path(head.temp_dir).glob("session_*/logs/monitor.log"))
 
 
+def wait_for_monitor_line(head, pattern: str, timeout: float = 30) -> None:
+    """The monitor logs its event summary ("Removing 1 nodes of type ...") on the loop iteration after it
+    terminates a node, which may come after the node already reads DEAD."""
+    deadline = time.time() + timeout
+    while not re.search(pattern, monitor_log(head)):
+        if time.time() > deadline:
+            raise AssertionError(f"no {pattern!r} in monitor.log after {timeout:.0f}s:\n{monitor_log(head)[-3000:]}")
+        time.sleep(1)
+
+
 def wait_all_workers_gone(head, timeout: float) -> float:
     start = time.time()
     while time.time() - start < timeout:
@@ -106,10 +116,10 @@ def test_job_needing_an_absent_type_scales_it_up_within_max_workers_then_down(tw
     added = workers(head)
     assert config["available_node_types"]["gpu-8x-a100"]["max_workers"] == 1
     assert len(added) == 1 and added[0]["resources_total"]["GPU"] == 8, added  # no other type was added
-    assert "Adding 1 node(s) of type gpu-8x-a100" in monitor_log(head)
+    wait_for_monitor_line(head, r"Adding 1 node\(s\) of type gpu-8x-a100")
     # idle for idle_timeout_minutes (15 s in the twin), then removed
     wait_all_workers_gone(head, timeout=IDLE_TIMEOUT_MINUTES * 60 + 60)
-    assert re.search(r"Removing 1 nodes of type gpu-8x-a100 \(idle\)", monitor_log(head)), monitor_log(head)[-3000:]
+    wait_for_monitor_line(head, r"Removing 1 nodes of type gpu-8x-a100 \(idle\)")
 
 
 @pytest.mark.timeout(400)
@@ -128,6 +138,6 @@ def test_vitlab_submit_training_on_an_absent_cpu_type(twin_head, digits_dir, tmp
     assert re.search(r"job \S+ SUCCEEDED after ", proc.stdout.strip().splitlines()[-1]), out[-3000:]
     new = [n for n in workers(head) if n["node_id"] not in before]
     assert len(new) == 1 and "GPU" not in new[0]["resources_total"], new
-    assert "Adding 1 node(s) of type cpu-32" in monitor_log(head)
+    wait_for_monitor_line(head, r"Adding 1 node\(s\) of type cpu-32")
     wait_all_workers_gone(head, timeout=IDLE_TIMEOUT_MINUTES * 60 + 60)
-    assert re.search(r"Removing 1 nodes of type cpu-32 \(idle\)", monitor_log(head))
+    wait_for_monitor_line(head, r"Removing 1 nodes of type cpu-32 \(idle\)")

@@ -36,7 +36,8 @@ class MlflowServer:
         cmd = [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
                "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
                "--artifacts-destination", self.artifacts]
-        env = dict(os.environ)
+        # no job-runner processes (about 8): vitlab submits no MLflow jobs, and they triple the start-up here
+        env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
         if self.admin_password:
             ini = self.root / "basic_auth.ini"
             ini.write_text(f"[mlflow]\ndefault_permission = READ\ndatabase_uri = sqlite:///{self.root / 'auth.db'}\n"

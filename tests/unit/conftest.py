@@ -6,8 +6,12 @@ import subprocess
 import sys
 
 import mlflow  # noqa: F401
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch  # noqa: F401
+
+from tests.support.data import jpeg_bytes
 
 # Importing torch (ldconfig, looking for CUDA) and mlflow (`uname -p`) runs a process once: import them here,
 # before the guard below, so that a library's import is not taken for a test starting a process.
@@ -29,3 +33,21 @@ def no_processes_no_ray(monkeypatch):
 def ray_is_up() -> bool:
     ray = sys.modules.get("ray")
     return ray is not None and ray.is_initialized()
+
+
+SHARD_ROWS = [7, 5, 9]  # labelled_shards: 21 train rows in three uneven shards
+
+
+@pytest.fixture(scope="session")
+def labelled_shards(tmp_path_factory):
+    """Shards whose label is the image's index: every decoded row says which image it is a copy of."""
+    root = tmp_path_factory.mktemp("shards")
+    files, index = [], 0
+    for s, rows in enumerate(SHARD_ROWS):
+        ids = list(range(index, index + rows))
+        index += rows
+        table = pa.table({"image": [jpeg_bytes(i % 5, i, (40, 32)) for i in ids], "label": ids,
+                          "key": [f"img{i}" for i in ids]})
+        files.append(str(root / f"train-{s}.parquet"))
+        pq.write_table(table, files[-1])
+    return files

@@ -6,31 +6,17 @@ The decode function of the train pipeline runs here without Ray, one call per wo
 from collections import Counter, defaultdict
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
-from tests.support.data import jpeg_bytes
+from tests.unit.conftest import SHARD_ROWS
 from vitlab.config import DataConfig
 from vitlab.data.pipeline import _decode_train_shards, epoch_positions
 from vitlab.errors import UserError
 
-SHARD_ROWS = [7, 5, 9]  # 21 train rows in three uneven shards
-
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    """Shards whose label is the image's index: every decoded row says which image it is a copy of."""
-    root = tmp_path_factory.mktemp("shards")
-    files, index = [], 0
-    for s, rows in enumerate(SHARD_ROWS):
-        ids = list(range(index, index + rows))
-        index += rows
-        table = pa.table({"image": [jpeg_bytes(i % 5, i, (40, 32)) for i in ids], "label": ids,
-                          "key": [f"img{i}" for i in ids]})
-        files.append(str(root / f"train-{s}.parquet"))
-        pq.write_table(table, files[-1])
-    return files
+def shards(labelled_shards):
+    return labelled_shards
 
 
 def decode(files, repeats: int, rank: int | None, world: int, epoch: int = 0, rows=SHARD_ROWS):

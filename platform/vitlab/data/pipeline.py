@@ -32,6 +32,7 @@ import pyarrow.parquet as pq
 
 from vitlab.config import DataConfig
 from vitlab.data.manifest import Manifest
+from vitlab.data.positions import EpochPlan, Interval
 from vitlab.data.transforms import build_randaugment, decode_train, decode_val, row_rng
 from vitlab.errors import UserError
 
@@ -40,16 +41,21 @@ EpochSource = Any  # int, or an EpochClock actor handle
 
 class EpochClock:
     """A tiny Ray actor holding the current epoch, read by the decode tasks (Ray Train re-runs one
-    dataset per epoch, so the epoch cannot be baked into it)."""
+    dataset per epoch, so the epoch cannot be baked into it), and, for positional streams, the epoch's
+    ``EpochPlan`` as a dict (which positions are left and how they are laid out over the workers)."""
 
     def __init__(self, epoch: int = 0):
         self.epoch = epoch
+        self.plan_dict: dict | None = None
 
-    def set(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set(self, epoch: int, plan_dict: dict | None = None) -> None:
+        self.epoch, self.plan_dict = epoch, plan_dict
 
     def get(self) -> int:
         return self.epoch
+
+    def plan(self) -> dict | None:
+        return self.plan_dict
 
 
 def start_epoch_clock(epoch: int = 0):
@@ -66,9 +72,22 @@ def start_epoch_clock(epoch: int = 0):
 def _current_epoch(epoch: EpochSource) -> int:
     if isinstance(epoch, int):
         return epoch
+    if isinstance(epoch, EpochPlan):
+        return epoch.epoch
     import ray
 
     return int(ray.get(epoch.get.remote()))
+
+
+def _current_plan(epoch: EpochSource) -> EpochPlan:
+    if isinstance(epoch, EpochPlan):
+        return epoch
+    import ray
+
+    found = ray.get(epoch.plan.remote())
+    if found is None:
+        raise RuntimeError("a positional train stream was read before the training loop set its epoch plan")
+    return EpochPlan.from_dict(found)
 
 
 def _read_shard(path: str):
@@ -92,19 +111,33 @@ def epoch_positions(start: int, rows: int, repeats: int, rank: int | None, world
     return positions // repeats - start, positions % repeats
 
 
+def piece_offsets(piece: list[Interval], start: int, rows: int) -> np.ndarray:
+    """The rows of a shard (offsets into its epoch order) that fall in a worker's piece of a positional
+    stream, in the piece's order; the shard holds positions start .. start+rows-1."""
+    parts = [np.arange(max(lo, start), min(hi, start + rows)) - start for lo, hi in piece
+             if lo < start + rows and hi > start]
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+
 def _decode_train_shards(
     batch: dict[str, np.ndarray], files: list[str], shard_rows: list[int], data: DataConfig, seed: int,
-    epoch: EpochSource, rank: int | None = None, world: int = 1,
+    epoch: EpochSource, rank: int | None = None, world: int = 1, positional: bool = False,
 ) -> Iterator[dict[str, np.ndarray]]:
-    epoch_n = _current_epoch(epoch)
+    plan = _current_plan(epoch) if positional else None
+    piece = plan.piece(rank) if plan is not None else None
+    epoch_n = plan.epoch if plan is not None else _current_epoch(epoch)
     order = np.random.default_rng([seed & 0xFFFFFFFF, epoch_n]).permutation(len(files))
     starts = np.concatenate([[0], np.cumsum([shard_rows[s] for s in order])])  # of each shard, in epoch order
     augment = build_randaugment(data.randaugment, data.image_size, data.mean)
     size = data.image_size
     for idx in batch["shard"]:
         shard = int(order[int(idx)])
-        offsets, repeats = epoch_positions(int(starts[int(idx)]), shard_rows[shard], data.repeated_aug, rank,
-                                           world, int(starts[-1]))
+        if piece is not None:
+            offsets = piece_offsets(piece, int(starts[int(idx)]), shard_rows[shard])
+            repeats = np.zeros(len(offsets), dtype=np.int64)
+        else:
+            offsets, repeats = epoch_positions(int(starts[int(idx)]), shard_rows[shard], data.repeated_aug, rank,
+                                               world, int(starts[-1]))
         if not len(offsets):
             continue  # none of this worker's positions: the shard is not read
         table = _read_shard(files[shard])
@@ -145,30 +178,34 @@ def _shard_indices(n: int, deterministic: bool):
 
 
 def train_dataset(manifest: Manifest, data: DataConfig, seed: int = 0, epoch: EpochSource = 0,
-                  rank: int | None = None, world: int = 1):
+                  rank: int | None = None, world: int = 1, positional: bool = False):
     """The train split: RandomResizedCrop + flip (+ RandAugment), reshuffled per epoch; with ``rank``, the one
-    worker's stream of repeated augmentation. Each decode task reserves data.decode_cpus."""
+    worker's stream: of repeated augmentation, or, ``positional``, its piece of the epoch plan (in order).
+    Each decode task reserves data.decode_cpus."""
     files = manifest.files("train")
-    ds = _shard_indices(len(files), data.deterministic)
+    ds = _shard_indices(len(files), data.deterministic or positional)
     return ds.map_batches(
         _decode_train_shards,
         batch_size=1,
         num_cpus=data.decode_cpus,
         fn_kwargs={"files": files, "shard_rows": manifest.shard_rows("train"), "data": data, "seed": seed,
-                   "epoch": epoch, "rank": rank, "world": world},
+                   "epoch": epoch, "rank": rank, "world": world, "positional": positional},
     )
 
 
-def train_key(data: DataConfig, rank: int) -> str:
-    """The name of the train dataset a worker reads: one shared stream, or its own under repeated_aug."""
-    return "train" if data.repeated_aug == 1 else f"train_{rank}"
+def train_key(data: DataConfig, rank: int, positional: bool = False) -> str:
+    """The name of the train dataset a worker reads: one shared stream, or its own under repeated_aug or
+    when the stream is positional (mid-epoch checkpoints: see data/positions.py)."""
+    return "train" if data.repeated_aug == 1 and not positional else f"train_{rank}"
 
 
-def train_datasets(manifest: Manifest, data: DataConfig, seed: int, epoch: EpochSource, world: int):
+def train_datasets(manifest: Manifest, data: DataConfig, seed: int, epoch: EpochSource, world: int,
+                   positional: bool = False):
     """The trainer's train datasets by name (see ``train_key``)."""
-    if data.repeated_aug == 1:
+    if data.repeated_aug == 1 and not positional:
         return {"train": train_dataset(manifest, data, seed, epoch)}
-    return {train_key(data, r): train_dataset(manifest, data, seed, epoch, r, world) for r in range(world)}
+    return {train_key(data, r, positional): train_dataset(manifest, data, seed, epoch, r, world, positional)
+            for r in range(world)}
 
 
 def val_dataset(manifest: Manifest, data: DataConfig):

@@ -31,6 +31,11 @@ class EpochMetricsCallback(UserCallback):
     def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
         logs.mark_worker_logging()  # in the controller: the outbox's warnings reach the terminal
         rank0 = metrics[0]
+        if rank0.get("mid_epoch"):  # no epoch row; its checkpoint covers the epochs before it
+            if checkpoint is not None and self.pending:
+                deliver(self.uri, self.run_id, self.outbox, self.pending)
+                self.pending.clear()
+            return
         self.pending.append((int(rank0["epoch"]), {k: float(v) for k, v in rank0.items()
                                                   if k not in NOT_LOGGED and isinstance(v, (int, float))}))
         if checkpoint is not None:
@@ -49,4 +54,6 @@ class ForwardToQueue(UserCallback):
         self.queue = queue
 
     def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
+        if metrics[0].get("mid_epoch"):
+            return  # Tune hears of epochs only
         self.queue.put((dict(metrics[0]), checkpoint.path if checkpoint else None))

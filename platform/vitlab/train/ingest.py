@@ -42,7 +42,7 @@ def dataset_config(cfg: JobConfig, train_names: list[str]) -> ExactValDataConfig
     """``train_names``: the one shared "train" stream, split equally; or under data.repeated_aug one dataset
     per worker (train_0, train_1, ...), which is not split: each worker takes its own whole."""
     options = ray.train.DataConfig.default_ingest_options()
-    options.preserve_order = cfg.data.deterministic
+    options.preserve_order = cfg.data.deterministic or cfg.positional_stream  # a position needs the order
     return ExactValDataConfig(
         datasets_to_split=["train", "val"],
         execution_options={**dict.fromkeys(train_names, options), "val": ExecutionOptions(preserve_order=True)},

@@ -67,7 +67,7 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 def write_checkpoint_dir(
     *, model, ema=None, optimizer, scaler, epoch: int, step: int, config_yaml: str, metrics: dict[str, Any],
-    rng_states: list[dict[str, Any]], confusion: np.ndarray | None,
+    rng_states: list[dict[str, Any]], confusion: np.ndarray | None, position: dict[str, Any] | None = None,
 ) -> Path:
     """Write a checkpoint into a new temporary directory and return it (for ray.train.Checkpoint)."""
     out = Path(tempfile.mkdtemp(prefix="vitlab-ckpt-"))
@@ -80,6 +80,8 @@ def write_checkpoint_dir(
         "step": step,  # optimizer steps completed
         "rng": rng_states,  # one entry per rank
     }
+    if position is not None:  # a mid-epoch checkpoint: where the epoch stands (train/loop.py)
+        state["position"] = position
     storage.save_torch(state, str(out / STATE_FILE))
     storage.write_text(str(out / CONFIG_FILE), config_yaml)
     storage.write_text(str(out / METRICS_FILE), json.dumps(metrics, indent=2))

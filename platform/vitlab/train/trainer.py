@@ -21,7 +21,8 @@ def build_trainer(cfg: JobConfig, manifest: Manifest, inputs: LoopInputs, callba
     # Per-operator progress bars from every worker drown the epoch lines; the loop logs throughput itself.
     DataContext.get_current().enable_progress_bars = False
     resources = {"CPU": cfg.scaling.cpus_per_worker}
-    train = train_datasets(manifest, cfg.data, cfg.train.seed, inputs.epoch_clock, cfg.scaling.num_workers)
+    train = train_datasets(manifest, cfg.data, cfg.train.seed, inputs.epoch_clock, cfg.scaling.num_workers,
+                           cfg.positional_stream)
     if cfg.scaling.use_gpu:
         resources["GPU"] = cfg.scaling.gpus_per_worker
     return TorchTrainer(

@@ -1,0 +1,251 @@
+"""One epoch's work on every worker: the train steps (train_one_epoch) and the evaluation (evaluate), with what
+they need beside them. train/loop.py calls them in order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import astuple, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from vitlab.config import JobConfig
+from vitlab.data.pipeline import normalize_on_device
+from vitlab.progress import TrainProgress
+from vitlab.train import state as ckpt
+from vitlab.train.profile import StepProfiler
+from vitlab.train.steplog import StepLogger
+
+log = logging.getLogger("vitlab.train")
+
+MAX_CONFUSION_CLASSES = 100
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Training produced a NaN or inf loss; carries the global step."""
+
+
+@dataclass
+class Watchers:
+    """What rank 0 does beside training, each None when off (and on every other rank): live step metrics to
+    MLflow, progress lines, the profiler's window."""
+
+    logger: StepLogger | None = None
+    progress: TrainProgress | None = None
+    profiler: StepProfiler | None = None
+
+    def close(self) -> None:
+        if self.profiler is not None:
+            self.profiler.finish()
+        if self.logger is not None:
+            self.logger.close()
+
+
+@dataclass
+class EpochTally:
+    """An epoch's running sums on one worker. ``summed`` adds them over the workers: what the epoch's metrics
+    are made of, and what a mid-epoch checkpoint keeps so that the metrics still cover the whole epoch."""
+
+    loss_sum: float = 0.0  # loss x images
+    correct: float = 0.0  # top-1 hits against the hard labels
+    seen: float = 0.0  # images
+    wait_s: float = 0.0  # waiting for batches
+    elapsed_s: float = 0.0  # in the epoch's steps (not in mid-epoch checkpoints)
+
+    def summed(self, device) -> EpochTally:
+        return EpochTally(*_all_reduce_sum(list(astuple(self)), device))
+
+    def as_list(self) -> list[float]:
+        return list(astuple(self))
+
+    @classmethod
+    def resumed(cls, saved: list[float] | None, saved_world: int, rank: int) -> EpochTally:
+        """This worker's share of a checkpoint's sums (over ``saved_world`` workers): the counts on rank 0,
+        the per-worker times as their mean on every rank, so that the epoch's totals come out right on any
+        number of workers."""
+        if not saved:
+            return cls()
+        loss_sum, correct, seen, wait_s, elapsed_s = saved
+        counts = (loss_sum, correct, seen) if rank == 0 else (0.0, 0.0, 0.0)
+        return cls(*counts, wait_s / saved_world, elapsed_s / saved_world)
+
+
+@dataclass
+class MidEpochCheckpoints:
+    """``run.checkpoint_every_steps``: after every this many optimizer steps of an epoch (counted from the
+    epoch's start, also across a restore), except its last, ``save(steps_in_epoch, step, totals)`` runs on
+    every worker (it reports, a barrier)."""
+
+    every: int
+    steps_in_epoch: int  # the epoch's optimizer steps in all
+    save: Callable[[int, int, EpochTally], None]
+
+    def due(self, steps_done: int) -> bool:
+        return steps_done % self.every == 0 and steps_done < self.steps_in_epoch
+
+
+def _all_reduce_sum(values: list[float], device) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.tolist()
+
+
+def _autocast(precision: str, device: torch.device):
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def micro_batches(batches, accum: int) -> Iterator[dict[str, Any]]:
+    """A positional stream's batches are whole optimizer steps (this worker's share); cut each into ``accum``
+    micro-batches for gradient accumulation."""
+    for batch in batches:
+        if accum == 1:
+            yield batch
+            continue
+        parts = {name: torch.tensor_split(value, accum) for name, value in batch.items()}
+        for i in range(accum):
+            yield {name: chunks[i] for name, chunks in parts.items()}
+
+
+def train_one_epoch(model, batches, optimizer, schedule, scaler, loss_fn, augment, ema, cfg: JobConfig, device,
+                    step: int, epoch: int, watch: Watchers, tally: EpochTally | None = None, done_before: int = 0,
+                    mid_epoch: MidEpochCheckpoints | None = None) -> tuple[dict[str, float], int]:
+    """One pass over this worker's shard; ``ema`` (or None) follows every optimizer step. ``tally`` and
+    ``done_before`` carry an epoch restored from a mid-epoch checkpoint (its sums, its optimizer steps done).
+    Returns (metrics summed over workers, new optimizer step)."""
+    model.train()
+    logger, progress, profiler = watch.logger, watch.progress, watch.profiler
+    epoch_first_step = step - done_before
+    if progress is not None:
+        progress.start_epoch()
+    accum = cfg.optim.accum_steps
+    tally = tally or EpochTally()
+    lr = schedule(step)
+    start = tick = time.perf_counter()
+    optimizer.zero_grad(set_to_none=True)
+    for micro, batch in enumerate(batches):
+        now = time.perf_counter()
+        waited = now - tick
+        tally.wait_s += waited
+        if profiler is not None:
+            profiler.before_step(step)
+        images = normalize_on_device(batch["image"], cfg.data.mean, cfg.data.std, device, cfg.train.channels_last)
+        labels = batch["label"].to(device, non_blocking=True)
+        images, targets = augment(images, labels)  # random erasing, mixup/cutmix
+        last_micro = (micro + 1) % accum == 0
+        # Under accumulation, skip DDP's gradient all-reduce on all but the last micro-batch.
+        sync = contextlib.nullcontext() if last_micro or not hasattr(model, "no_sync") else model.no_sync()
+        with sync:
+            with _autocast(cfg.train.precision, device):
+                logits = model(images)
+                loss = loss_fn(logits, targets)
+            scaled = loss / accum
+            (scaler.scale(scaled) if scaler is not None else scaled).backward()
+        loss_value = loss.detach().float().item()
+        n = labels.shape[0]
+        tally.loss_sum += loss_value * n
+        tally.seen += n
+        tally.correct += (logits.detach().argmax(1) == labels).sum().item()
+        if last_micro:
+            if scaler is not None:
+                scaler.unscale_(optimizer)
+            # The grad norm is computed on all-reduced gradients, so every worker sees the same value and a
+            # NaN from any worker stops all of them at the same step (no worker left waiting in a collective).
+            max_norm = cfg.optim.clip_grad if cfg.optim.clip_grad else float("inf")
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+            if not math.isfinite(loss_value) or not torch.isfinite(grad_norm):
+                raise NonFiniteLossError(
+                    f"non-finite loss at step {step} (epoch {epoch}): loss={loss_value}, grad_norm={grad_norm}"
+                )
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            if ema is not None:
+                ema.update(ckpt.unwrap(model), step=step)
+            lr = schedule.apply(optimizer, step)
+            if logger is not None and step % cfg.train.log_every_steps == 0:
+                logger.add({"train_loss_step": loss_value, "lr_step": lr}, step)
+            if profiler is not None:
+                profiler.after_step(step)
+            if mid_epoch is not None and mid_epoch.due(step - epoch_first_step):
+                paused = time.perf_counter()
+                tally.elapsed_s += paused - start
+                mid_epoch.save(step - epoch_first_step, step, tally.summed(device))
+                start = time.perf_counter()  # the checkpoint's time is not the epoch's
+        elif not math.isfinite(loss_value):
+            raise NonFiniteLossError(f"non-finite loss at step {step} (epoch {epoch}): loss={loss_value}")
+        if progress is not None:
+            progress.add(n, waited, loss_value)
+            line = progress.line(epoch + 1, step - epoch_first_step, lr)
+            if line:
+                log.info("%s%s", progress.label, line)
+        tick = time.perf_counter()
+    tally.elapsed_s += time.perf_counter() - start
+    total = tally.summed(device)
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    epoch_s = total.elapsed_s / world  # mean over workers
+    return {
+        "train_loss": total.loss_sum / max(1, total.seen),
+        "train_top1": total.correct / max(1, total.seen),  # against hard labels (approximate under mixup)
+        "lr": lr,
+        "epoch_time_s": epoch_s,
+        "images_per_s": total.seen / max(1e-9, epoch_s),  # global: all workers' images over the epoch time
+        "data_wait": total.wait_s / max(1e-9, total.elapsed_s),
+        "train_images": total.seen,
+    }, step
+
+
+@torch.no_grad()
+def evaluate(models: dict[str, Any], batches, cfg: JobConfig, device, num_classes: int,
+             confusion_of: str = "") -> tuple[dict[str, float], Any]:
+    """Val loss, top-1 and top-5 of each model on the same batches (decoded once), from counts summed over
+    workers: exact whatever the shard sizes. ``models`` maps a metric suffix to a model ("" for the live
+    weights, "_ema" for the EMA); the confusion matrix is the one of ``models[confusion_of]``."""
+    for m in models.values():
+        m.eval()
+    k = min(5, num_classes)
+    sums = {suffix: [0.0, 0.0, 0.0] for suffix in models}  # loss, top-1, top-5
+    seen = 0.0
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.float64, device=device) \
+        if num_classes <= MAX_CONFUSION_CLASSES else None
+    for batch in batches:
+        images = normalize_on_device(batch["image"], cfg.data.mean, cfg.data.std, device, cfg.train.channels_last)
+        labels = batch["label"].to(device)
+        seen += labels.shape[0]
+        for suffix, m in models.items():
+            with _autocast(cfg.train.precision, device):
+                logits = m(images)
+            logits = logits.float()
+            topk = logits.topk(k, dim=1).indices
+            sums[suffix][0] += F.cross_entropy(logits, labels, reduction="sum").item()
+            sums[suffix][1] += (topk[:, 0] == labels).sum().item()
+            sums[suffix][2] += (topk == labels[:, None]).any(dim=1).sum().item()
+            if confusion is not None and suffix == confusion_of:
+                idx = labels * num_classes + topk[:, 0]
+                confusion += torch.bincount(idx, minlength=num_classes**2).view(num_classes, num_classes).double()
+    totals = _all_reduce_sum([seen, *(v for suffix in models for v in sums[suffix])], device)
+    seen, values = max(1.0, totals[0]), iter(totals[1:])
+    if confusion is not None and dist.is_initialized():
+        dist.all_reduce(confusion, op=dist.ReduceOp.SUM)
+    metrics = {"val_images": totals[0]}
+    for suffix in models:
+        for name in ("val_loss", "val_top1", "val_top5"):
+            metrics[name + suffix] = next(values) / seen
+    return metrics, (confusion.cpu().numpy().astype(np.int64) if confusion is not None else None)
+
+
