@@ -159,6 +159,11 @@ class RunSection(Section):
     checkpoint_upload: Literal["sync", "async"] = "async"
     keep_checkpoints: int = Field(2, ge=1)
     max_failures: int = Field(0, ge=-1)
+    # Restarts after a node is reclaimed (a spot preemption), counted apart from max_failures; -1 = unlimited.
+    max_preemption_failures: int = Field(-1, ge=-1)
+    # Every this many optimizer steps, ask Ray Train whether a node is about to be reclaimed (a barrier of all
+    # workers); the first notice is answered with a just-in-time mid-epoch checkpoint. 0 = never ask.
+    preemption_check_every_steps: int = Field(10, ge=0)
     # Which weights become best_model.pt (and which metric ranks the kept checkpoints): the live weights'
     # val_top1, or the EMA weights' val_top1_ema (needs train.ema_decay > 0).
     best_by: Literal["val_top1", "val_top1_ema"] = "val_top1"
@@ -194,9 +199,6 @@ class JobConfig(Section):
     def _mid_epoch_position(self) -> JobConfig:
         if not self.run.checkpoint_every_steps:
             return self
-        if self.data.repeated_aug > 1:
-            raise ValueError("run.checkpoint_every_steps cannot be combined with data.repeated_aug > 1 (a "
-                             "mid-epoch position is kept for plain streams only); set one of them off")
         if self.data.shuffle_buffer:
             raise ValueError("run.checkpoint_every_steps needs data.shuffle_buffer=0: a mid-epoch position "
                              "is exact only while batches come in the epoch's order (shards and rows are "

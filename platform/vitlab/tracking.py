@@ -202,6 +202,16 @@ def log_metrics(client, run_id: str, items: list[tuple[str, float, int]]) -> Non
         client.log_batch(run_id, metrics=metrics[i : i + 1000])
 
 
+def count_in_tag(uri: str, run_id: str, key: str) -> int:
+    """Add one to the run's counter tag ``key`` (absent: 0) and return the new count."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    count = int(client.get_run(run_id).data.tags.get(key, "0")) + 1
+    client.set_tag(run_id, key, str(count))
+    return count
+
+
 def unreachable_errors() -> tuple[type[BaseException], ...]:
     """What a tracking server that is down (or a store that cannot be written) raises through the client."""
     import requests

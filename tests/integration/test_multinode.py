@@ -1,6 +1,7 @@
 """Several Ray nodes on this machine (ray.cluster_utils.Cluster, token authentication on): workers spread one
-per node, a sweep's concurrent trials on different nodes, and a training that loses a node after a checkpoint,
-restores from it when a new node joins, and finishes with every epoch in MLflow exactly once.
+per node, a sweep's concurrent trials on different nodes, a training that loses a node after a checkpoint,
+restores from it when a new node joins, and finishes with every epoch in MLflow exactly once, and a training
+whose node is drained as a spot reclaim.
 
 The scenarios run in one child process (tests/support/multinode_scenarios.py): a Cluster needs a ray.init of its own,
 and this pytest process already holds the session's Ray. Each scenario prints a RESULT line checked here."""
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shutil
 import subprocess
@@ -31,7 +33,10 @@ def scenarios(tmp_path_factory, s3):  # the S3 server's variables reach the scen
     env.update({LOOPBACK_ENV: "0"}, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32),
                RAY_USAGE_STATS_ENABLED="0", RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0",
                VITLAB_TEST_RAY_TEMP_DIR=temp_dir, VITLAB_TEST_DASHBOARD_PORT=str(dashboard),
-               VITLAB_TEST_AGENT_PORT=str(agent), VITLAB_TEST_GCS_PORT=str(gcs), PYTHONUNBUFFERED="1")
+               VITLAB_TEST_AGENT_PORT=str(agent), VITLAB_TEST_GCS_PORT=str(gcs), PYTHONUNBUFFERED="1",
+               # reports polled as in the rest of the suite (tests/conftest.py); drains noticed within 0.5 s
+               RAY_TRAIN_HEALTH_CHECK_INTERVAL_S=os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"],
+               RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S="0.5")
     log = tmp / "scenarios.log"
     with log.open("w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "tests.support.multinode_scenarios", str(tmp)], cwd=ROOT,
@@ -104,3 +109,21 @@ def test_node_loss_restores_from_checkpoint(scenarios):
     assert r["epoch_clock_nodes"] == [r["head"]], r
     _, text = scenarios
     assert "restored from latest checkpoint of this run" in text
+
+
+@pytest.mark.timeout(900)
+def test_spot_preemption_checkpoints_before_the_deadline_and_is_not_a_failure(scenarios):
+    r = _get(scenarios, "preemption")  # run.max_failures=0: a restart charged as a failure would end the run
+    assert r["accepted"] and r["logged_before"] and r["epochs"] == [1, 2, 3, 4, 5, 6], r
+    assert r["preemptions"] == "1", r  # the run's MLflow tag
+    assert len(r["check_ms"]) == 6 and all(ms > 0 for ms in r["check_ms"]), r  # the barrier's cost, each epoch
+    _, text = scenarios
+    notices = re.findall(r"preemption notice at step (\d+)", text)
+    jit = re.findall(r"just-in-time checkpoint in epoch \d+ at step (\d+) of \d+ \(training paused [\d.]+ s, "
+                     r"upload sync\)", text)
+    held = re.findall(r"holding at step (\d+) until the preempted node goes", text)
+    restored = re.findall(r"restored after a preemption from latest checkpoint of this run: epoch \d+ at step "
+                          r"\d+ of \d+ \(step (\d+), 2 workers\)", text)
+    assert len(notices) == 1 and jit and held and restored, text[-6000:]
+    assert int(restored[0]) == int(held[0]) >= int(notices[0])  # restored where it held: no step trained twice
+    assert "preempted: just-in-time checkpoint taken (preemption 1 of this run)" in text

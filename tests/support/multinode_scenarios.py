@@ -7,12 +7,15 @@ token authentication on) hosts, in order:
   node_loss   a 2-worker training with scaling.placement_strategy=STRICT_SPREAD (one worker per node until the
               loss: the `spread` result) that loses a node (all its processes killed) after its first
               checkpoint; a new node joins a few seconds later and the run must restore and finish. Its
-              checkpoints are in S3 (the suite's server on 127.0.0.1), as on a real cluster.
+              checkpoints are in S3 (the suite's server on 127.0.0.1), as on a real cluster;
+  preemption  the same training, its node drained as a spot reclaim (reason PREEMPTION, a deadline) with
+              run.max_failures=0: just-in-time checkpoints before the deadline, then the node goes, a new one
+              comes, and the run restores from the last checkpoint and finishes.
 
 It prints one line `RESULT {json}` per scenario (node ids, MLflow epoch lists) for the test to check. A Cluster
 needs its own ray.init in its own process, which the pytest process (with the session's Ray) cannot give it.
 
-    python -m tests.support.multinode_scenarios OUT_DIR [sweep node_loss]    (from the repository root)
+    python -m tests.support.multinode_scenarios OUT_DIR [sweep node_loss preemption]    (from the repository root)
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from pathlib import Path
 from tests.support import tiny_job
 
 NODE_CPUS = 2
+PREEMPTION_DEADLINE_S = 5
 
 
 def result(name: str, **values) -> None:
@@ -83,6 +87,22 @@ def worker_node_ids(cluster) -> list[str]:
     return [n.node_id for n in cluster.worker_nodes]
 
 
+def wait_for_first_epoch(uri: str, run_name: str, thread: threading.Thread) -> list[int]:
+    """The epochs in MLflow once the first is there: it is checkpointed (epochs reach MLflow only once a
+    checkpoint covers them)."""
+    import mlflow
+
+    logged: list[int] = []
+    deadline = time.time() + 300
+    while time.time() < deadline and thread.is_alive() and not logged:
+        runs = mlflow.MlflowClient(uri).search_runs(
+            [e.experiment_id for e in mlflow.MlflowClient(uri).search_experiments()],
+            filter_string=f"attributes.run_name = '{run_name}'") if Path(uri[len("sqlite:///"):]).exists() else []
+        logged = epochs_in_mlflow(uri, runs[0].info.run_id) if runs else []
+        time.sleep(0.2)
+    return logged
+
+
 def scenario_sweep(cluster, tmp: Path, data: str) -> None:
     from vitlab.tune.space import load_space
     from vitlab.tune.sweep import auto_concurrency, run_sweep
@@ -100,7 +120,6 @@ def scenario_sweep(cluster, tmp: Path, data: str) -> None:
 
 
 def scenario_node_loss(cluster, tmp: Path, data: str) -> None:
-    import mlflow
 
     from vitlab.train.run import train
 
@@ -122,15 +141,7 @@ def scenario_node_loss(cluster, tmp: Path, data: str) -> None:
     thread = threading.Thread(target=fit, daemon=True)
     with ActorWatch() as watch:
         thread.start()
-        # Wait for the first epoch to be checkpointed (its metrics reach MLflow only once a checkpoint covers it).
-        logged: list[int] = []
-        deadline = time.time() + 300
-        while time.time() < deadline and thread.is_alive() and not logged:
-            runs = mlflow.MlflowClient(uri).search_runs(
-                [e.experiment_id for e in mlflow.MlflowClient(uri).search_experiments()],
-                filter_string="attributes.run_name = 'lossy'") if Path(uri[len("sqlite:///"):]).exists() else []
-            logged = epochs_in_mlflow(uri, runs[0].info.run_id) if runs else []
-            time.sleep(0.5)
+        logged = wait_for_first_epoch(uri, "lossy", thread)
         # Before the loss: where the first worker group ran, against the cluster's worker nodes at that time.
         result("spread", worker_nodes=sorted(watch.together[0]) if watch.together else [],
                cluster_workers=sorted(worker_node_ids(cluster)), head=cluster.head_node.node_id, epochs=logged)
@@ -156,6 +167,53 @@ def scenario_node_loss(cluster, tmp: Path, data: str) -> None:
            model_path=o.model_path if o else None, checkpoint=o.checkpoint if o else None)
 
 
+def scenario_preemption(cluster, tmp: Path, data: str) -> None:
+    """A 2-worker STRICT_SPREAD training whose node is drained as a spot reclaim (GCS drain, reason PREEMPTION,
+    a deadline PREEMPTION_DEADLINE_S away), as the autoscaler does, with run.max_failures=0: the run must take
+    its just-in-time checkpoints, hold, and restart from the last one once the node is gone and a new one came."""
+    import mlflow
+    import ray
+    from ray.core.generated import autoscaler_pb2
+
+    from vitlab.train.run import train
+
+    cfg = job(tmp, data, "spot", "train.epochs=6", "scaling.num_workers=2", "scaling.cpus_per_worker=0.5",
+              "scaling.placement_strategy=STRICT_SPREAD", "run.max_failures=0", "run.checkpoint_every_steps=1000",
+              "run.preemption_check_every_steps=2", f"run.storage_path=s3://vitlab/multinode/{tmp.name}")
+    out: dict = {}
+
+    def fit() -> None:
+        try:
+            out["outcome"] = train(cfg, log_model=False)
+        except BaseException as e:
+            out["error"] = repr(e)
+
+    thread = threading.Thread(target=fit, daemon=True)
+    thread.start()
+    logged = wait_for_first_epoch(cfg.tracking.uri, "spot", thread)
+    victim = sorted(cluster.worker_nodes, key=lambda n: n.node_id)[0]
+    deadline_ms = int((time.time() + PREEMPTION_DEADLINE_S) * 1000)
+    accepted, refusal = ray._raylet.GcsClient(address=cluster.address).drain_node(
+        victim.node_id, autoscaler_pb2.DrainNodeReason.Value("DRAIN_NODE_REASON_PREEMPTION"), "spot reclaim",
+        deadline_ms)
+    print(f"drained node {victim.node_id} after epochs {logged}, deadline in {PREEMPTION_DEADLINE_S}s: "
+          f"{accepted} {refusal}", flush=True)
+    time.sleep(max(0.0, deadline_ms / 1000 - time.time()) + 1)  # the reclaim comes after the deadline
+    cluster.remove_node(victim, allow_graceful=False)
+    new = cluster.add_node(temp_dir=os.environ["VITLAB_TEST_RAY_TEMP_DIR"], object_store_memory=150 * 1024**2,
+                           num_cpus=NODE_CPUS)
+    thread.join(timeout=420)
+    o = out.get("outcome")
+    run = mlflow.MlflowClient(cfg.tracking.uri).get_run(o.mlflow_run_id) if o else None
+    result("preemption", error=out.get("error") or (None if o else "still running 7 minutes after the drain"),
+           accepted=accepted, logged_before=logged, removed=victim.node_id, added=new.node_id,
+           epochs=epochs_in_mlflow(o.tracking_uri, o.mlflow_run_id) if o else None,
+           preemptions=run.data.tags.get("vitlab.preemptions") if run else None,
+           check_ms=[round(m.value, 2) for m in mlflow.MlflowClient(cfg.tracking.uri).get_metric_history(
+               o.mlflow_run_id, "preemption_check_ms")] if o else None,
+           deadline_ms=deadline_ms)
+
+
 def _actors(class_name: str) -> dict[str, str]:
     """actor id -> node id of every actor of that class, dead or alive."""
     from ray.util.state import list_actors
@@ -176,7 +234,7 @@ def _http_status(url: str) -> int:
         return e.code
 
 
-SCENARIOS = {"sweep": scenario_sweep, "node_loss": scenario_node_loss}
+SCENARIOS = {"sweep": scenario_sweep, "node_loss": scenario_node_loss, "preemption": scenario_preemption}
 
 
 def main() -> int:

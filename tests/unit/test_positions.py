@@ -49,8 +49,8 @@ def test_random_restarts_on_random_worker_counts_train_every_position_once(seed)
     assert steps * step_images == len(planned)  # and the optimizer steps of an uninterrupted epoch
 
 
-def decode(files, plan: EpochPlan, rank: int):
-    data = DataConfig(image_size=16, scale=(0.2, 1.0))
+def decode(files, plan: EpochPlan, rank: int, repeats: int = 1):
+    data = DataConfig(image_size=16, scale=(0.2, 1.0), repeated_aug=repeats)
     out = list(_decode_train_shards({"shard": np.arange(len(files))}, files, SHARD_ROWS, data, 3, plan, rank,
                                     plan.world, positional=True))
     return np.concatenate([b["image"] for b in out]), np.concatenate([b["label"] for b in out])
@@ -76,3 +76,22 @@ def test_stream_resumes_at_the_exact_image_on_another_worker_count(labelled_shar
         for image, label in zip(images, labels, strict=True):
             assert np.array_equal(image, by_label[int(label)])  # the same crop as without the restart
     assert sorted(trained) == sorted(by_label)  # every planned image exactly once
+
+
+def test_repeated_augmentation_resumes_with_each_copy_once(labelled_shards):
+    """k = 3: an epoch of 21 positions holds the first 7 images of the epoch's order 3 times each; interrupted
+    after 2 steps on 2 workers and finished on 3, every copy is trained once, each with its own crop."""
+    plan = EpochPlan.fresh(epoch=0, train_rows=sum(SHARD_ROWS), world=2, step_images=3)
+    copies: dict[int, list[np.ndarray]] = {}
+    for rank in range(2):
+        images, labels = decode(labelled_shards, plan, rank, repeats=3)
+        for image, label in zip(images[: 2 * plan.share(rank)], labels, strict=False):
+            copies.setdefault(int(label), []).append(image)
+    rest = plan.after(2).on(3)
+    for rank in range(3):
+        for image, label in zip(*decode(labelled_shards, rest, rank, repeats=3), strict=True):
+            copies.setdefault(int(label), []).append(image)
+    assert len(copies) == 7 and all(len(held) == 3 for held in copies.values()), {k: len(v) for k, v in copies.items()}
+    for label, held in copies.items():
+        assert not np.array_equal(held[0], held[1]) and not np.array_equal(held[1], held[2]), label
+

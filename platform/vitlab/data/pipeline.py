@@ -20,6 +20,11 @@ gets a stream of its own (``train_datasets``): the epoch's image sequence is the
 rows, its first ceil(rows / k) images are each repeated k times, and worker r takes the positions r, r + W,
 r + 2W, ... of that list (W workers), rows // W of them, as RASampler does. Consecutive copies of one image
 land on consecutive workers. A worker reads only the shards that hold its positions.
+
+With mid-epoch checkpoints (``positional``, data/positions.py) each worker instead takes one contiguous piece of
+the epoch's positions, in order; under repeated augmentation position p is copy p % k of image p // k, so the k
+copies of an image are neighbours and land in the same optimizer step (for a ViT, with no batch norm, the same
+gradient as copies spread over workers), and each worker still reads only the shards of its piece.
 """
 
 from __future__ import annotations
@@ -111,12 +116,14 @@ def epoch_positions(start: int, rows: int, repeats: int, rank: int | None, world
     return positions // repeats - start, positions % repeats
 
 
-def piece_offsets(piece: list[Interval], start: int, rows: int) -> np.ndarray:
-    """The rows of a shard (offsets into its epoch order) that fall in a worker's piece of a positional
-    stream, in the piece's order; the shard holds positions start .. start+rows-1."""
-    parts = [np.arange(max(lo, start), min(hi, start + rows)) - start for lo, hi in piece
-             if lo < start + rows and hi > start]
-    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+def piece_rows(piece: list[Interval], start: int, rows: int, repeats: int) -> tuple[np.ndarray, np.ndarray]:
+    """What a worker's piece of a positional stream takes from one shard, in the piece's order: (row offsets
+    into the shard's epoch order, copy indices). The shard holds images start .. start+rows-1 of the epoch's
+    order; under repeated augmentation position p is copy p % k of image p // k."""
+    low, high = start * repeats, (start + rows) * repeats
+    parts = [np.arange(max(lo, low), min(hi, high)) for lo, hi in piece if lo < high and hi > low]
+    positions = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+    return positions // repeats - start, positions % repeats
 
 
 def _decode_train_shards(
@@ -133,8 +140,7 @@ def _decode_train_shards(
     for idx in batch["shard"]:
         shard = int(order[int(idx)])
         if piece is not None:
-            offsets = piece_offsets(piece, int(starts[int(idx)]), shard_rows[shard])
-            repeats = np.zeros(len(offsets), dtype=np.int64)
+            offsets, repeats = piece_rows(piece, int(starts[int(idx)]), shard_rows[shard], data.repeated_aug)
         else:
             offsets, repeats = epoch_positions(int(starts[int(idx)]), shard_rows[shard], data.repeated_aug, rank,
                                                world, int(starts[-1]))

@@ -5,14 +5,21 @@ trial at once).
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from ray.train.v2.api.callback import UserCallback
 
-from vitlab import logs
+from vitlab import logs, tracking
+from vitlab.redact import redact
+from vitlab.train import storage
 from vitlab.train.outbox import Outbox, deliver
 
+log = logging.getLogger("vitlab.train")
+
 NOT_LOGGED = ("epoch", "step")  # the step of every metric, not metrics of their own
+PREEMPTION_NOTICE = "preemption_notice"  # in the metrics of a just-in-time checkpoint's report
+PREEMPTIONS_TAG = "vitlab.preemptions"  # how many preemption notices the run answered
 
 
 class EpochMetricsCallback(UserCallback):
@@ -31,6 +38,8 @@ class EpochMetricsCallback(UserCallback):
     def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
         logs.mark_worker_logging()  # in the controller: the outbox's warnings reach the terminal
         rank0 = metrics[0]
+        if rank0.get(PREEMPTION_NOTICE):
+            self._count_preemption()
         if rank0.get("mid_epoch"):  # no epoch row; its checkpoint covers the epochs before it
             if checkpoint is not None and self.pending:
                 deliver(self.uri, self.run_id, self.outbox, self.pending)
@@ -44,6 +53,17 @@ class EpochMetricsCallback(UserCallback):
 
     def after_exception(self, run_context, worker_exceptions) -> None:
         self.pending.clear()  # training goes back to the last checkpoint: these epochs are redone
+
+    def _count_preemption(self) -> None:
+        """The run's ``vitlab.preemptions`` tag counts the preemption notices answered with a checkpoint."""
+        try:
+            with tracking.quick_retries():
+                count = tracking.count_in_tag(self.uri, self.run_id, PREEMPTIONS_TAG)
+        except tracking.unreachable_errors() as e:
+            log.warning("MLflow unreachable: preemption not counted in the run's tags (%s)",
+                        redact(storage.first_line(e)))
+            return
+        log.warning("preempted: just-in-time checkpoint taken (preemption %d of this run)", count)
 
 
 class ForwardToQueue(UserCallback):

@@ -9,10 +9,11 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import astuple, dataclass
+from dataclasses import astuple, dataclass, field
 from typing import Any
 
 import numpy as np
+import ray.train
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -27,6 +28,8 @@ from vitlab.train.steplog import StepLogger
 log = logging.getLogger("vitlab.train")
 
 MAX_CONFUSION_CLASSES = 100
+HOLD_AFTER_DEADLINE_S = 60.0
+REGISTER_MARGIN_S = 3.0  # for the controller to register the last checkpoint before a preemption deadline
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -86,10 +89,78 @@ class MidEpochCheckpoints:
 
     every: int
     steps_in_epoch: int  # the epoch's optimizer steps in all
-    save: Callable[[int, int, EpochTally], None]
+    save: Callable[..., None]  # (steps_in_epoch_done, step, totals, preempted=None | "checkpoint" | "last")
 
     def due(self, steps_done: int) -> bool:
         return steps_done % self.every == 0 and steps_done < self.steps_in_epoch
+
+
+@dataclass
+class PreemptionChecks:
+    """``run.preemption_check_every_steps``: every this many optimizer steps, every worker asks Ray Train whether
+    a node of the run is about to be reclaimed (``ray.train.get_preemption_info``, a barrier of all workers).
+
+    ``check`` answers, the same on every worker: "checkpoint" at the first notice of a preemption (a just-in-time
+    mid-epoch checkpoint, then training carries on), "last" once the notice's deadline is nearer than two check
+    intervals, two checkpoints and REGISTER_MARGIN_S (decided on all workers' clocks at once: an all-reduce),
+    after which ``hold``
+    waits for the node to go instead of training steps that would be trained again; None otherwise. Ray Train
+    then restarts the run from the latest checkpoint, charged to ``run.max_preemption_failures``, not to
+    ``run.max_failures``. Counts its checks and their time."""
+
+    every: int
+    rank: int
+    label: str = ""
+    answered: set[tuple[str, ...]] = field(default_factory=set)  # the notices seen (their nodes)
+    deadline_s: float | None = None  # of the notice being answered
+    last_taken: bool = False
+    last_check_at: float = 0.0
+    save_s: float = 0.0  # how long the last just-in-time checkpoint paused training
+    checks: int = 0
+    check_s: float = 0.0
+
+    def check(self, step: int, device) -> str | None:
+        if step % self.every:
+            return None
+        start = time.perf_counter()
+        interval_s = start - self.last_check_at if self.last_check_at else 0.0
+        info = ray.train.get_preemption_info()
+        self.last_check_at = time.perf_counter()
+        self.checks += 1
+        self.check_s += self.last_check_at - start
+        if info is None:
+            return None
+        if tuple(info.preempted_node_ids) not in self.answered:
+            self.answered.add(tuple(info.preempted_node_ids))
+            self.deadline_s, self.last_taken = (info.deadline_ms / 1000 if info.deadline_ms else None), False
+            if self.rank == 0:
+                left = f"in {self.deadline_s - time.time():.0f} s" if self.deadline_s else "without a deadline"
+                log.warning("%spreemption notice at step %d: node(s) %s (ranks %s) go %s", self.label, step,
+                            ", ".join(n[:12] for n in info.preempted_node_ids), info.preempted_ranks, left)
+            return "checkpoint"
+        if self.deadline_s is None or self.last_taken:
+            return None
+        # two intervals of steps, two checkpoints (uploaded before report returns) and the controller's poll
+        near = self.deadline_s - time.time() < 2 * interval_s + 2 * self.save_s + REGISTER_MARGIN_S
+        if _all_reduce_sum([float(near)], device)[0] > 0:  # one answer for all workers, whatever their clocks
+            self.last_taken = True
+            return "last"
+        return None
+
+    def hold(self, step: int) -> None:
+        """After the last checkpoint before the deadline: wait for the node to go (Ray Train ends this worker
+        group at the deadline); if it is not reclaimed within HOLD_AFTER_DEADLINE_S, training goes on."""
+        if self.rank == 0:
+            log.warning("%sholding at step %d until the preempted node goes", self.label, step)
+        until = (self.deadline_s or time.time()) + HOLD_AFTER_DEADLINE_S
+        while time.time() < until:
+            time.sleep(0.5)
+        if self.rank == 0:
+            log.warning("%sthe node was not reclaimed: training goes on", self.label)
+
+    def metrics(self) -> dict[str, float]:
+        """This worker's mean time per check so far (ms): what the barrier costs."""
+        return {"preemption_check_ms": 1000 * self.check_s / self.checks} if self.checks else {}
 
 
 def _all_reduce_sum(values: list[float], device) -> list[float]:
@@ -120,7 +191,8 @@ def micro_batches(batches, accum: int) -> Iterator[dict[str, Any]]:
 
 def train_one_epoch(model, batches, optimizer, schedule, scaler, loss_fn, augment, ema, cfg: JobConfig, device,
                     step: int, epoch: int, watch: Watchers, tally: EpochTally | None = None, done_before: int = 0,
-                    mid_epoch: MidEpochCheckpoints | None = None) -> tuple[dict[str, float], int]:
+                    mid_epoch: MidEpochCheckpoints | None = None,
+                    preemption: PreemptionChecks | None = None) -> tuple[dict[str, float], int]:
     """One pass over this worker's shard; ``ema`` (or None) follows every optimizer step. ``tally`` and
     ``done_before`` carry an epoch restored from a mid-epoch checkpoint (its sums, its optimizer steps done).
     Returns (metrics summed over workers, new optimizer step)."""
@@ -182,11 +254,20 @@ def train_one_epoch(model, batches, optimizer, schedule, scaler, loss_fn, augmen
                 logger.add({"train_loss_step": loss_value, "lr_step": lr}, step)
             if profiler is not None:
                 profiler.after_step(step)
-            if mid_epoch is not None and mid_epoch.due(step - epoch_first_step):
-                paused = time.perf_counter()
-                tally.elapsed_s += paused - start
-                mid_epoch.save(step - epoch_first_step, step, tally.summed(device))
+            done = step - epoch_first_step
+            preempted = preemption.check(step, device) if preemption is not None else None
+            if mid_epoch is not None and done < mid_epoch.steps_in_epoch and (preempted or mid_epoch.due(done)):
+                paused_at = time.perf_counter()
+                tally.elapsed_s += paused_at - start
+                mid_epoch.save(done, step, tally.summed(device), preempted=preempted)
+                if preempted:
+                    preemption.save_s = time.perf_counter() - paused_at
+                if preempted == "last":
+                    preemption.hold(step)
                 start = time.perf_counter()  # the checkpoint's time is not the epoch's
+            elif preempted == "checkpoint" and preemption.rank == 0 and mid_epoch is None:
+                log.warning("%sno just-in-time checkpoint: run.checkpoint_every_steps is 0, so the restart goes "
+                            "back to the last end-of-epoch checkpoint", preemption.label)
         elif not math.isfinite(loss_value):
             raise NonFiniteLossError(f"non-finite loss at step {step} (epoch {epoch}): loss={loss_value}")
         if progress is not None:
@@ -207,6 +288,7 @@ def train_one_epoch(model, batches, optimizer, schedule, scaler, loss_fn, augmen
         "images_per_s": total.seen / max(1e-9, epoch_s),  # global: all workers' images over the epoch time
         "data_wait": total.wait_s / max(1e-9, total.elapsed_s),
         "train_images": total.seen,
+        **(preemption.metrics() if preemption is not None else {}),
     }, step
 
 

@@ -31,7 +31,16 @@ from vitlab.data.pipeline import train_key
 from vitlab.data.positions import EpochPlan
 from vitlab.progress import TrainProgress
 from vitlab.train import state as ckpt
-from vitlab.train.epoch import EpochTally, MidEpochCheckpoints, Watchers, evaluate, micro_batches, train_one_epoch
+from vitlab.train.callbacks import PREEMPTION_NOTICE
+from vitlab.train.epoch import (
+    EpochTally,
+    MidEpochCheckpoints,
+    PreemptionChecks,
+    Watchers,
+    evaluate,
+    micro_batches,
+    train_one_epoch,
+)
 from vitlab.train.optim import (
     batch_augment,
     build_eraser,
@@ -127,42 +136,47 @@ def _restore_point(inputs: LoopInputs):
     return None, ""
 
 
-def _report_checkpoint(metrics: dict[str, Any], cfg: JobConfig, rank: int, write: dict[str, Any] | None) -> float:
+def _report_checkpoint(metrics: dict[str, Any], cfg: JobConfig, rank: int, write: dict[str, Any] | None,
+                       upload: str | None = None) -> float:
     """ray.train.report on every worker (a barrier), with the checkpoint rank 0 writes from ``write`` (the
     keyword arguments of state.write_checkpoint_dir), or none. Returns the seconds training waited for it.
 
     run.checkpoint_upload=async: Ray uploads the checkpoint in a thread of the worker and deletes the local copy
     when done, so the step after it does not wait on the storage (S3 on a cluster); the controller hears of the
-    report (MLflow's epoch row, keep-best-k) once the upload is through. sync: report returns after the upload."""
+    report (MLflow's epoch row, keep-best-k) once the upload is through. sync (or ``upload="sync"``, as for a
+    just-in-time checkpoint that must be in storage before a deadline): report returns after the upload."""
     start = time.perf_counter()
     checkpoint, checkpoint_dir = None, None
     if rank == 0 and write is not None:
         checkpoint_dir = ckpt.write_checkpoint_dir(**write)
         checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint_dir))
-    mode = UPLOAD_MODES[cfg.run.checkpoint_upload]
+    mode = UPLOAD_MODES[upload or cfg.run.checkpoint_upload]
     ray.train.report(metrics, checkpoint=checkpoint, checkpoint_upload_mode=mode)
     if checkpoint_dir is not None and mode is CheckpointUploadMode.SYNC:
         shutil.rmtree(checkpoint_dir, ignore_errors=True)  # persisted to run storage by now
     return time.perf_counter() - start
 
 
-def _save_mid_epoch(steps_done: int, step: int, totals: EpochTally, *, plan: EpochPlan, done_before: int,
-                    cfg: JobConfig, rank: int, label: str, parts: dict[str, Any]) -> None:
-    """A mid-epoch checkpoint: the state, where the epoch stands (the plan of the positions left) and the
-    epoch's sums so far. Ranked below every end-of-epoch checkpoint, so keep-best-k keeps it only while it
-    is the latest."""
+def _save_mid_epoch(steps_done: int, step: int, totals: EpochTally, preempted: str | None = None, *,
+                    plan: EpochPlan, done_before: int, cfg: JobConfig, rank: int, label: str,
+                    parts: dict[str, Any]) -> None:
+    """A mid-epoch checkpoint (``preempted``: a just-in-time one, at a preemption notice or right before its
+    deadline): the state, where the epoch stands (the plan of the positions left) and the epoch's sums so far.
+    Ranked below every end-of-epoch checkpoint, so keep-best-k keeps it only while it is the latest."""
     rng_states = _gather_rng()  # a collective: every rank calls it
     position = plan.after(steps_done - done_before)
     metrics = {"epoch": plan.epoch, "step": step, "epoch_step": steps_done, "mid_epoch": 1,
-               cfg.run.best_by: MID_EPOCH_SCORE}
+               cfg.run.best_by: MID_EPOCH_SCORE, **({PREEMPTION_NOTICE: 1} if preempted == "checkpoint" else {})}
     write = dict(parts, epoch=plan.epoch, step=step, config_yaml=cfg.to_yaml(), metrics=metrics,
                  rng_states=rng_states, confusion=None,
                  position={"plan": position.to_dict(), "epoch_step": steps_done, "tally": totals.as_list(),
-                           "tally_world": plan.world})
-    paused = _report_checkpoint(metrics, cfg, rank, write)
+                           "tally_world": plan.world, "preempted": bool(preempted)})
+    upload = "sync" if preempted else cfg.run.checkpoint_upload  # in storage before the deadline
+    paused = _report_checkpoint(metrics, cfg, rank, write, upload)
     if rank == 0:
-        log.info("%scheckpoint in epoch %d at step %d of %d (training paused %.2f s, upload %s)", label,
-                 plan.epoch + 1, steps_done, steps_done + position.steps, paused, cfg.run.checkpoint_upload)
+        log.info("%s%scheckpoint in epoch %d at step %d of %d (training paused %.2f s, upload %s)", label,
+                 "just-in-time " if preempted else "", plan.epoch + 1, steps_done, steps_done + position.steps,
+                 paused, upload)
 
 
 def _restored_position(saved: dict[str, Any] | None, cfg: JobConfig, world: int, step_images: int, rank: int,
@@ -227,7 +241,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if checkpoint is not None and rank == 0:
         where = (f"epoch {start_epoch + 1} at step {done_before} of {done_before + plan.steps}" if plan else
                  f"epoch {start_epoch} done, continuing at epoch {start_epoch + 1}")
-        log.warning("%srestored from %s: %s (step %d, %d workers)", inputs.label, origin, where, step, world)
+        after = "after a preemption " if ((saved or {}).get("position") or {}).get("preempted") else ""
+        log.warning("%srestored %sfrom %s: %s (step %d, %d workers)", inputs.label, after, origin, where, step,
+                    world)
     schedule.apply(optimizer, step)
 
     model = ray.train.torch.prepare_model(model)
@@ -240,6 +256,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     val_shard = ray.train.get_dataset_shard("val")
     eval_batch = (cfg.train.eval_batch_size or global_batch) // world
     parts = {"model": model, "ema": ema, "optimizer": optimizer, "scaler": scaler}
+    every = cfg.run.preemption_check_every_steps
+    preemption = PreemptionChecks(every, rank, inputs.label) if every else None
 
     # -- epochs ----------------------------------------------------------------------------------------
     try:
@@ -269,7 +287,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 )
             train_metrics, step = train_one_epoch(model, batches, optimizer, schedule, scaler, loss_fn, augment,
                                                   ema, cfg, device, step, epoch, watch, tally, done_before,
-                                                  mid_epoch)
+                                                  mid_epoch, preemption)
             train_metrics.update(_iterator_stats(train_shard, before=iter_before))
             evaluated = {"": ckpt.unwrap(model), **({"_ema": ema.module} if ema is not None else {})}
             val_metrics, confusion = evaluate(
