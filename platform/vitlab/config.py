@@ -38,15 +38,13 @@ class DataConfig(Section):
     randaugment: str | None = None  # timm string, e.g. "rand-m9-mstd0.5-inc1"
     # Resampling of every resize, train and val (DeiT and timm's ViTs: bicubic); exports record it.
     interpolation: Literal["bilinear", "bicubic"] = "bilinear"
-    # Random erasing (timm's RandomErasing, DeiT: 0.25 / pixel / 1) on the normalised batch on the device:
-    # each image, with probability reprob, gets 1..recount rectangles of random pixels ('pixel'), one random
-    # colour per rectangle ('rand') or zeros ('const').
+    # Random erasing (timm's RandomErasing, DeiT: 0.25 / pixel / 1) on the device: with probability reprob, 1..recount
+    # rectangles of random pixels ('pixel'), one random colour each ('rand') or zeros ('const').
     reprob: float = Field(0.0, ge=0.0, le=1.0)
     remode: Literal["pixel", "rand", "const"] = "pixel"
     recount: int = Field(1, ge=1)
-    # Repeated augmentation (DeiT's RASampler): each image of an epoch appears this many times, each copy with
-    # its own crop and flip and on another worker. An epoch still holds train-rows images, so it covers
-    # 1/repeated_aug of the distinct images (a different share every epoch).
+    # Repeated augmentation (DeiT's RASampler): each image this many times per epoch, each copy its own crop; an
+    # epoch still holds train-rows images, so 1/repeated_aug of the distinct ones (another share each epoch).
     repeated_aug: int = Field(1, ge=1)
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
@@ -72,10 +70,9 @@ class ModelConfig(Section):
     name: str = "vit_tiny_patch16_224"
     # Passed to timm.create_model as is (img_size, patch_size, embed_dim, depth, num_heads, ...).
     kwargs: dict[str, Any] = Field(default_factory=dict)
-    # Start from these weights (fine-tuning): a timm state_dict file, a vitlab best_model.pt, checkpoint_*
-    # directory or run directory, local or s3://, or an MLflow model URI. Weights only: optimizer and schedule
-    # start fresh; the head is reset when the class count differs, the position embeddings resampled when the
-    # patch grid does. Model-hub names are refused: nothing is downloaded at run time.
+    # Start from these weights (fine-tuning): a timm state_dict, a vitlab best_model.pt, checkpoint_* or run dir
+    # (local or s3://), or an MLflow model URI. Weights only; the head is reset when the class count differs,
+    # the position embeddings resampled when the patch grid does. Model-hub names are refused (no downloads).
     init_from: str | None = None
 
 
@@ -130,15 +127,32 @@ class TrainConfig(Section):
 
 
 class ScalingSection(Section):
-    num_workers: int = Field(2, ge=1)
+    # N, or [min, max]: elastic, resized towards max every resize_check_seconds, the same global batch on any count
+    num_workers: int | tuple[int, int] = 2
+    resize_check_seconds: float = Field(60.0, gt=0.0)
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0.0)
     gpus_per_worker: float = Field(1.0, ge=0.0)
     accelerator_type: str | None = None
-    # How Ray places the workers' bundles: PACK fills a node first (fastest DDP within a node); SPREAD and
-    # STRICT_SPREAD put workers on different nodes (STRICT_SPREAD waits until there is one node per worker),
-    # e.g. one worker per multi-GPU node with gpus_per_worker set to the node's GPU count.
+    # PACK fills a node first (fastest DDP); SPREAD and STRICT_SPREAD (waits for one node per worker) spread the
+    # workers over nodes, e.g. one per multi-GPU node with gpus_per_worker set to the node's GPU count.
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+
+    @field_validator("num_workers")
+    @classmethod
+    def _worker_range(cls, v: int | tuple[int, int]) -> int | tuple[int, int]:
+        low, high = (v, v) if isinstance(v, int) else v
+        if not 1 <= low <= high:
+            raise ValueError(f"expected N >= 1 or [min, max] with 1 <= min <= max, got {v}")
+        return v
+
+    @property
+    def max_workers(self) -> int:
+        return self.num_workers if isinstance(self.num_workers, int) else self.num_workers[1]
+
+    @property
+    def elastic(self) -> bool:  # a [min, max] range with min < max
+        return not isinstance(self.num_workers, int) and self.num_workers[0] < self.num_workers[1]
 
 
 class TrackingConfig(Section):
@@ -151,18 +165,15 @@ class RunSection(Section):
     name: str | None = None  # default: derived from the job file's name
     storage_path: str = "runs"
     checkpoint_every: int = Field(1, ge=1)
-    # Also checkpoint inside an epoch, after every this many optimizer steps (0 = off): a restart continues
-    # the epoch at the exact image, on any number of workers (data/positions.py).
+    # Also every this many optimizer steps inside an epoch (0 = off): a restart resumes at the exact image.
     checkpoint_every_steps: int = Field(0, ge=0)
-    # async: Ray uploads a checkpoint in the background and training goes on at once; sync: training waits
-    # until the checkpoint is in run storage.
+    # async: uploaded in the background while training goes on; sync: training waits for the upload.
     checkpoint_upload: Literal["sync", "async"] = "async"
     keep_checkpoints: int = Field(2, ge=1)
     max_failures: int = Field(0, ge=-1)
     # Restarts after a node is reclaimed (a spot preemption), counted apart from max_failures; -1 = unlimited.
     max_preemption_failures: int = Field(-1, ge=-1)
-    # Every this many optimizer steps, ask Ray Train whether a node is about to be reclaimed (a barrier of all
-    # workers); the first notice is answered with a just-in-time mid-epoch checkpoint. 0 = never ask.
+    # Every this many steps ask Ray Train whether a node is about to be reclaimed (0 = never): checkpoint in time.
     preemption_check_every_steps: int = Field(10, ge=0)
     # Which weights become best_model.pt (and which metric ranks the kept checkpoints): the live weights'
     # val_top1, or the EMA weights' val_top1_ema (needs train.ema_decay > 0).
@@ -188,28 +199,24 @@ class JobConfig(Section):
 
     @model_validator(mode="after")
     def _batch_divides(self) -> JobConfig:
-        if self.train.batch_size % self.scaling.num_workers:
+        if self.train.batch_size % self.scaling.max_workers:
             raise ValueError(
                 f"train.batch_size={self.train.batch_size} is the global batch and must divide evenly "
-                f"over scaling.num_workers={self.scaling.num_workers}"
+                f"over scaling.num_workers={self.scaling.max_workers}"
             )
         return self
 
     @model_validator(mode="after")
     def _mid_epoch_position(self) -> JobConfig:
-        if not self.run.checkpoint_every_steps:
-            return self
-        if self.data.shuffle_buffer:
-            raise ValueError("run.checkpoint_every_steps needs data.shuffle_buffer=0: a mid-epoch position "
-                             "is exact only while batches come in the epoch's order (shards and rows are "
-                             "shuffled already)")
+        if self.positional_stream and self.data.shuffle_buffer:
+            raise ValueError("data.shuffle_buffer must be 0 with run.checkpoint_every_steps or elastic workers: a "
+                             "mid-epoch position needs the epoch's order (shards and rows are shuffled already)")
         return self
 
     @property
     def positional_stream(self) -> bool:
-        """Each worker reads its own piece of the epoch's image sequence, in order (data/positions.py): what
-        mid-epoch checkpoints need."""
-        return self.run.checkpoint_every_steps > 0
+        """Each worker reads its own piece of the epoch, in order (data/positions.py): for an exact position."""
+        return self.run.checkpoint_every_steps > 0 or self.scaling.elastic
 
     @model_validator(mode="after")
     def _ema_for_best_by(self) -> JobConfig:

@@ -36,7 +36,9 @@ def scenarios(tmp_path_factory, s3):  # the S3 server's variables reach the scen
                VITLAB_TEST_AGENT_PORT=str(agent), VITLAB_TEST_GCS_PORT=str(gcs), PYTHONUNBUFFERED="1",
                # reports polled as in the rest of the suite (tests/conftest.py); drains noticed within 0.5 s
                RAY_TRAIN_HEALTH_CHECK_INTERVAL_S=os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"],
-               RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S="0.5")
+               RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S="0.5",
+               # a worker group waiting for a node that left retries with what there is after 10 s, not 60
+               RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S="10")
     log = tmp / "scenarios.log"
     with log.open("w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "tests.support.multinode_scenarios", str(tmp)], cwd=ROOT,
@@ -127,3 +129,16 @@ def test_spot_preemption_checkpoints_before_the_deadline_and_is_not_a_failure(sc
     assert len(notices) == 1 and jit and held and restored, text[-6000:]
     assert int(restored[0]) == int(held[0]) >= int(notices[0])  # restored where it held: no step trained twice
     assert "preempted: just-in-time checkpoint taken (preemption 1 of this run)" in text
+
+
+@pytest.mark.timeout(900)
+def test_elastic_run_shrinks_to_one_worker_and_grows_back(scenarios):
+    r = _get(scenarios, "elastic")
+    assert r["logged_before"] and r["epochs"] == list(range(1, r["expected_epochs"] + 1)), r
+    counts = list(r["workers"].values())  # the worker count of each epoch, in MLflow
+    assert counts[0] == 2 and 1 in counts and counts[-1] == 2, r  # shrank after the loss, grew back after
+    assert r["final_step"] == 22 * r["expected_epochs"], r  # the optimizer steps of an uninterrupted run
+    assert r["images"] == [22 * 64], r  # every epoch its 22 x 64 images, on 1 worker as on 2
+    _, text = scenarios
+    assert re.search(r"restored from latest checkpoint of this run: .* \(step \d+, 1 workers\)", text), text[-4000:]
+

@@ -10,12 +10,14 @@ token authentication on) hosts, in order:
               checkpoints are in S3 (the suite's server on 127.0.0.1), as on a real cluster;
   preemption  the same training, its node drained as a spot reclaim (reason PREEMPTION, a deadline) with
               run.max_failures=0: just-in-time checkpoints before the deadline, then the node goes, a new one
-              comes, and the run restores from the last checkpoint and finishes.
+              comes, and the run restores from the last checkpoint and finishes;
+  elastic     a training on [1, 2] workers that loses a node, goes on with one, and gets two again when a node
+              joins, with the global batch and the step count of an uninterrupted run.
 
 It prints one line `RESULT {json}` per scenario (node ids, MLflow epoch lists) for the test to check. A Cluster
 needs its own ray.init in its own process, which the pytest process (with the session's Ray) cannot give it.
 
-    python -m tests.support.multinode_scenarios OUT_DIR [sweep node_loss preemption]    (from the repository root)
+    python -m tests.support.multinode_scenarios OUT_DIR [sweep node_loss preemption elastic]    (from the repo root)
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from tests.support import tiny_job
 
 NODE_CPUS = 2
 PREEMPTION_DEADLINE_S = 5
+ELASTIC_ALONE_S = 120  # at most, for the one-worker epoch
 
 
 def result(name: str, **values) -> None:
@@ -44,6 +47,7 @@ class ActorWatch:
         self.address = f"http://127.0.0.1:{os.environ['VITLAB_TEST_DASHBOARD_PORT']}"
         self.interval = interval
         self.seen: dict[str, str] = {}  # actor id -> node id
+        self.first_seen: dict[str, float] = {}  # actor id -> when it was first seen alive
         self.together: list[list[str]] = []  # node ids of the workers alive at one moment (2+ of them)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -68,6 +72,7 @@ class ActorWatch:
                 alive = []
             for a in alive:
                 self.seen[a["actor_id"]] = a["node_id"]
+                self.first_seen.setdefault(a["actor_id"], time.time())
             if len(alive) >= 2:
                 self.together.append(sorted(a["node_id"] for a in alive))
             self._stop.wait(self.interval)
@@ -214,6 +219,69 @@ def scenario_preemption(cluster, tmp: Path, data: str) -> None:
            deadline_ms=deadline_ms)
 
 
+def scenario_elastic(cluster, tmp: Path, data: str) -> None:
+    """An elastic training (scaling.num_workers=[1, 2], a worker fills a node) that loses a node: it goes on with
+    one worker from its latest checkpoint; a node joins again and the next resize check brings back two. The
+    global batch stays 64 throughout, so the run takes the optimizer steps of an uninterrupted one."""
+    import mlflow
+
+    from vitlab.train import storage
+    from vitlab.train.run import train
+
+    epochs = 12
+    # A worker takes 1.5 CPUs + 0.5 for a decode task: one per 2-CPU node, which is what Ray Train's elastic
+    # count sees (it counts workers per node's free resources; a placement strategy is not part of it).
+    cfg = job(tmp, data, "elastic", f"train.epochs={epochs}", "scaling.num_workers=[1, 2]",
+              "scaling.cpus_per_worker=1.5", "scaling.resize_check_seconds=2", "run.max_failures=3",
+              f"run.storage_path=s3://vitlab/multinode/{tmp.name}")
+    out: dict = {}
+
+    def fit() -> None:
+        try:
+            out["outcome"] = train(cfg, log_model=False)
+        except BaseException as e:
+            out["error"] = repr(e)
+
+    thread = threading.Thread(target=fit, daemon=True)
+    with ActorWatch(interval=0.2) as watch:
+        thread.start()
+        logged = wait_for_first_epoch(cfg.tracking.uri, "elastic", thread)
+        victim = sorted(cluster.worker_nodes, key=lambda n: n.node_id)[0]
+        before = set(watch.first_seen)
+        removed_at = time.time()
+        # a node that leaves the cluster (as the autoscaler terminates one): the GCS knows at once, so Ray Train's
+        # elastic count of free resources no longer includes it
+        cluster.remove_node(victim, allow_graceful=True)
+        print(f"elastic: removed node {victim.node_id} after epochs {logged}", flush=True)
+        # one worker trains alone: wait for an epoch of it in MLflow
+        client, deadline = mlflow.MlflowClient(cfg.tracking.uri), time.time() + ELASTIC_ALONE_S
+        alone: list[int] = []
+        while time.time() < deadline and thread.is_alive() and not alone:
+            runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                                      filter_string="attributes.run_name = 'elastic'")
+            alone = [int(m.step) for m in client.get_metric_history(runs[0].info.run_id, "workers") if m.value == 1]
+            time.sleep(0.2)
+        # from the loss to a new worker group alive (it then restores and trains)
+        restarted = [t for a, t in watch.first_seen.items() if a not in before]
+        new = cluster.add_node(temp_dir=os.environ["VITLAB_TEST_RAY_TEMP_DIR"], object_store_memory=150 * 1024**2,
+                               num_cpus=NODE_CPUS)
+        print(f"elastic: added node {new.node_id}", flush=True)
+        thread.join(timeout=420)
+    o = out.get("outcome")
+    history = {}
+    if o:
+        client = mlflow.MlflowClient(o.tracking_uri)
+        history = {int(m.step): int(m.value) for m in client.get_metric_history(o.mlflow_run_id, "workers")}
+    snapshot = json.loads(storage.read_bytes(storage.join(storage.run_dir(cfg), "checkpoint_manager_snapshot.json")))
+    result("elastic", error=out.get("error") or (None if o else "still running 7 minutes after the loss"),
+           logged_before=logged, epochs=epochs_in_mlflow(o.tracking_uri, o.mlflow_run_id) if o else None,
+           expected_epochs=epochs, workers=history,
+           resumed_after_s=round(min(restarted) - removed_at, 1) if restarted else None,
+           final_step=snapshot["latest_checkpoint_result"]["metrics"]["step"],
+           images=sorted({m.value for m in mlflow.MlflowClient(o.tracking_uri).get_metric_history(
+               o.mlflow_run_id, "train_images")}) if o else None)
+
+
 def _actors(class_name: str) -> dict[str, str]:
     """actor id -> node id of every actor of that class, dead or alive."""
     from ray.util.state import list_actors
@@ -234,7 +302,8 @@ def _http_status(url: str) -> int:
         return e.code
 
 
-SCENARIOS = {"sweep": scenario_sweep, "node_loss": scenario_node_loss, "preemption": scenario_preemption}
+SCENARIOS = {"sweep": scenario_sweep, "node_loss": scenario_node_loss, "preemption": scenario_preemption,
+             "elastic": scenario_elastic}
 
 
 def main() -> int:

@@ -41,9 +41,16 @@ def test_wrong_type_and_value_name_the_key():
     with pytest.raises(ConfigError, match=r"batch_size=10.*num_workers=3"):
         load_job(None, ["train.batch_size=10", "scaling.num_workers=3"])
     # a mid-epoch position needs the epoch's order: no local shuffle buffer
-    with pytest.raises(ConfigError, match=r"checkpoint_every_steps.*data\.shuffle_buffer=0"):
+    with pytest.raises(ConfigError, match=r"data\.shuffle_buffer must be 0 with run\.checkpoint_every_steps"):
         load_job(None, ["run.checkpoint_every_steps=100", "data.shuffle_buffer=512"])
     assert load_job(None, ["run.checkpoint_every_steps=100", "data.repeated_aug=3"]).positional_stream
+    # elastic workers: [min, max], the global batch divides over max, the stream is positional
+    elastic = load_job(None, ["scaling.num_workers=[1, 4]", "train.batch_size=64"])
+    assert elastic.scaling.elastic and elastic.scaling.max_workers == 4 and elastic.positional_stream
+    with pytest.raises(ConfigError, match=r"scaling\.num_workers.*1 <= min <= max"):
+        load_job(None, ["scaling.num_workers=[3, 2]"])
+    with pytest.raises(ConfigError, match=r"batch_size=10.*num_workers=4"):
+        load_job(None, ["scaling.num_workers=[1, 4]", "train.batch_size=10"])
 
 
 def test_missing_file_and_bad_yaml(tmp_path):

@@ -84,15 +84,15 @@ class EpochTally:
 @dataclass
 class MidEpochCheckpoints:
     """``run.checkpoint_every_steps``: after every this many optimizer steps of an epoch (counted from the
-    epoch's start, also across a restore), except its last, ``save(steps_in_epoch, step, totals)`` runs on
-    every worker (it reports, a barrier)."""
+    epoch's start, also across a restore; 0: only when a preemption notice asks), except its last,
+    ``save(steps_in_epoch, step, totals)`` runs on every worker (it reports, a barrier)."""
 
     every: int
     steps_in_epoch: int  # the epoch's optimizer steps in all
     save: Callable[..., None]  # (steps_in_epoch_done, step, totals, preempted=None | "checkpoint" | "last")
 
     def due(self, steps_done: int) -> bool:
-        return steps_done % self.every == 0 and steps_done < self.steps_in_epoch
+        return self.every > 0 and steps_done % self.every == 0 and steps_done < self.steps_in_epoch
 
 
 @dataclass
@@ -177,6 +177,21 @@ def _autocast(precision: str, device: torch.device):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+@dataclass(frozen=True)
+class StepLayout:
+    """A positional stream's optimizer step on this worker: ``step_images`` in all (the same on any worker
+    count), this worker's share of them arriving as one batch, cut into ``accum`` micro-batches of at most the
+    configured per-worker batch (train.batch_size / the most workers), the same ``accum`` on every worker."""
+
+    step_images: int
+    accum: int
+
+    @classmethod
+    def of(cls, cfg: JobConfig, largest_share: int) -> StepLayout:
+        cap = max(1, cfg.train.batch_size // cfg.scaling.max_workers)
+        return cls(cfg.train.batch_size * cfg.optim.accum_steps, -(-largest_share // cap))
+
+
 def micro_batches(batches, accum: int) -> Iterator[dict[str, Any]]:
     """A positional stream's batches are whole optimizer steps (this worker's share); cut each into ``accum``
     micro-batches for gradient accumulation."""
@@ -191,17 +206,18 @@ def micro_batches(batches, accum: int) -> Iterator[dict[str, Any]]:
 
 def train_one_epoch(model, batches, optimizer, schedule, scaler, loss_fn, augment, ema, cfg: JobConfig, device,
                     step: int, epoch: int, watch: Watchers, tally: EpochTally | None = None, done_before: int = 0,
-                    mid_epoch: MidEpochCheckpoints | None = None,
-                    preemption: PreemptionChecks | None = None) -> tuple[dict[str, float], int]:
+                    mid_epoch: MidEpochCheckpoints | None = None, preemption: PreemptionChecks | None = None,
+                    layout: StepLayout | None = None) -> tuple[dict[str, float], int]:
     """One pass over this worker's shard; ``ema`` (or None) follows every optimizer step. ``tally`` and
-    ``done_before`` carry an epoch restored from a mid-epoch checkpoint (its sums, its optimizer steps done).
-    Returns (metrics summed over workers, new optimizer step)."""
+    ``done_before`` carry an epoch restored from a mid-epoch checkpoint (its sums, its optimizer steps done);
+    ``layout``, a positional stream's optimizer steps. Returns (metrics summed over workers, new step)."""
     model.train()
     logger, progress, profiler = watch.logger, watch.progress, watch.profiler
     epoch_first_step = step - done_before
     if progress is not None:
         progress.start_epoch()
-    accum = cfg.optim.accum_steps
+    accum = layout.accum if layout is not None else cfg.optim.accum_steps
+    world = dist.get_world_size() if dist.is_initialized() else 1
     tally = tally or EpochTally()
     lr = schedule(step)
     start = tick = time.perf_counter()
@@ -222,7 +238,8 @@ def train_one_epoch(model, batches, optimizer, schedule, scaler, loss_fn, augmen
             with _autocast(cfg.train.precision, device):
                 logits = model(images)
                 loss = loss_fn(logits, targets)
-            scaled = loss / accum
+            # each image weighs 1 / (the step's images) whatever the worker's share: DDP averages over workers
+            scaled = loss * (labels.shape[0] * world / layout.step_images) if layout is not None else loss / accum
             (scaler.scale(scaled) if scaler is not None else scaled).backward()
         loss_value = loss.detach().float().item()
         n = labels.shape[0]
@@ -278,7 +295,6 @@ def train_one_epoch(model, batches, optimizer, schedule, scaler, loss_fn, augmen
         tick = time.perf_counter()
     tally.elapsed_s += time.perf_counter() - start
     total = tally.summed(device)
-    world = dist.get_world_size() if dist.is_initialized() else 1
     epoch_s = total.elapsed_s / world  # mean over workers
     return {
         "train_loss": total.loss_sum / max(1, total.seen),

@@ -36,6 +36,7 @@ from vitlab.train.epoch import (
     EpochTally,
     MidEpochCheckpoints,
     PreemptionChecks,
+    StepLayout,
     Watchers,
     evaluate,
     micro_batches,
@@ -274,10 +275,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if dist.is_initialized():
                 dist.barrier()  # every worker starts reading only once the epoch clock is set
             iter_before = _iterator_stats(train_shard)
-            if mid_epoch is not None:  # whole optimizer steps of this worker's piece, in order
+            layout = StepLayout.of(cfg, plan.share(0)) if mid_epoch is not None else None
+            if layout is not None:  # whole optimizer steps of this worker's piece, in order
                 batches = micro_batches(train_shard.iter_torch_batches(
                     batch_size=plan.share(rank), drop_last=True, prefetch_batches=cfg.data.prefetch_batches,
-                ), cfg.optim.accum_steps)
+                ), layout.accum)
             else:
                 shuffle_seed = (cfg.train.seed * 1_000_003 + epoch * 1009 + rank) % 2**32
                 batches = train_shard.iter_torch_batches(
@@ -287,7 +289,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 )
             train_metrics, step = train_one_epoch(model, batches, optimizer, schedule, scaler, loss_fn, augment,
                                                   ema, cfg, device, step, epoch, watch, tally, done_before,
-                                                  mid_epoch, preemption)
+                                                  mid_epoch, preemption, layout)
             train_metrics.update(_iterator_stats(train_shard, before=iter_before))
             evaluated = {"": ckpt.unwrap(model), **({"_ema": ema.module} if ema is not None else {})}
             val_metrics, confusion = evaluate(
@@ -302,9 +304,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if rank == 0:
                 log.info(
                     "%sepoch %d/%d: train loss %.4f, val loss %.4f, val top-1 %.4f, top-5 %.4f, %.0f img/s, "
-                    "data wait %.0f%%", inputs.label, done, cfg.train.epochs, metrics["train_loss"],
+                    "data wait %.0f%%%s", inputs.label, done, cfg.train.epochs, metrics["train_loss"],
                     metrics["val_loss"], metrics["val_top1"], metrics["val_top5"], metrics["images_per_s"],
-                    100 * metrics["data_wait"],
+                    100 * metrics["data_wait"], f", {world} workers" if cfg.scaling.elastic else "",
                 )
             write = dict(parts, epoch=done, step=step, config_yaml=cfg.to_yaml(), metrics=metrics,
                          rng_states=rng_states, confusion=confusion) if save else None

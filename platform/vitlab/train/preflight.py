@@ -27,7 +27,7 @@ def check_job(cfg: JobConfig, manifest: Manifest) -> None:
     """The checks that need the dataset but no server: cheap enough to run for every trial value."""
     if cfg.train.precision == "fp16" and not cfg.scaling.use_gpu:
         raise ConfigError("train.precision: fp16 needs scaling.use_gpu=true (use bf16 on CPU)")
-    workers = cfg.scaling.num_workers
+    workers = cfg.scaling.max_workers
     mixing = cfg.optim.mixup > 0 or cfg.optim.cutmix > 0
     if mixing and (cfg.train.batch_size // workers) % 2:
         raise ConfigError("train.batch_size: mixup/cutmix need an even batch per worker")

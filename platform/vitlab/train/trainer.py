@@ -21,7 +21,8 @@ def build_trainer(cfg: JobConfig, manifest: Manifest, inputs: LoopInputs, callba
     # Per-operator progress bars from every worker drown the epoch lines; the loop logs throughput itself.
     DataContext.get_current().enable_progress_bars = False
     resources = {"CPU": cfg.scaling.cpus_per_worker}
-    train = train_datasets(manifest, cfg.data, cfg.train.seed, inputs.epoch_clock, cfg.scaling.num_workers,
+    # one train stream per possible rank: an elastic run's workers take the first W of them
+    train = train_datasets(manifest, cfg.data, cfg.train.seed, inputs.epoch_clock, cfg.scaling.max_workers,
                            cfg.positional_stream)
     if cfg.scaling.use_gpu:
         resources["GPU"] = cfg.scaling.gpus_per_worker
@@ -30,6 +31,7 @@ def build_trainer(cfg: JobConfig, manifest: Manifest, inputs: LoopInputs, callba
         train_loop_config={"job": cfg, "inputs": inputs},
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
+            elastic_resize_monitor_interval_s=cfg.scaling.resize_check_seconds,
             resources_per_worker=resources, accelerator_type=cfg.scaling.accelerator_type,
             placement_strategy=cfg.scaling.placement_strategy,
         ),

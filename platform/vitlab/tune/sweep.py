@@ -134,9 +134,9 @@ def run_trial(config: dict[str, Any], base: JobConfig, sweep_dir: str, parent_ru
 def trial_resources(cfg: JobConfig) -> dict[str, float]:
     """What one trial holds: its Train workers, plus room for one decode task. The trial function itself
     only waits, so it reserves no CPU."""
-    res = {"CPU": cfg.scaling.num_workers * cfg.scaling.cpus_per_worker + cfg.data.decode_cpus}
+    res = {"CPU": cfg.scaling.max_workers * cfg.scaling.cpus_per_worker + cfg.data.decode_cpus}
     if cfg.scaling.use_gpu:
-        res["GPU"] = cfg.scaling.num_workers * cfg.scaling.gpus_per_worker
+        res["GPU"] = cfg.scaling.max_workers * cfg.scaling.gpus_per_worker
     return res
 
 
