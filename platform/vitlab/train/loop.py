@@ -138,7 +138,7 @@ def _restore_point(inputs: LoopInputs):
 
 
 def _report_checkpoint(metrics: dict[str, Any], cfg: JobConfig, rank: int, write: dict[str, Any] | None,
-                       upload: str | None = None) -> float:
+                       upload: str | None = None, steps: StepLogger | None = None) -> float:
     """ray.train.report on every worker (a barrier), with the checkpoint rank 0 writes from ``write`` (the
     keyword arguments of state.write_checkpoint_dir), or none. Returns the seconds training waited for it.
 
@@ -149,6 +149,8 @@ def _report_checkpoint(metrics: dict[str, Any], cfg: JobConfig, rank: int, write
     start = time.perf_counter()
     checkpoint, checkpoint_dir = None, None
     if rank == 0 and write is not None:
+        if steps is not None:
+            steps.before_checkpoint()
         checkpoint_dir = ckpt.write_checkpoint_dir(**write)
         checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint_dir))
     mode = UPLOAD_MODES[upload or cfg.run.checkpoint_upload]
@@ -160,7 +162,7 @@ def _report_checkpoint(metrics: dict[str, Any], cfg: JobConfig, rank: int, write
 
 def _save_mid_epoch(steps_done: int, step: int, totals: EpochTally, preempted: str | None = None, *,
                     plan: EpochPlan, done_before: int, cfg: JobConfig, rank: int, label: str,
-                    parts: dict[str, Any]) -> None:
+                    parts: dict[str, Any], steps: StepLogger | None = None) -> None:
     """A mid-epoch checkpoint (``preempted``: a just-in-time one, at a preemption notice or right before its
     deadline): the state, where the epoch stands (the plan of the positions left) and the epoch's sums so far.
     Ranked below every end-of-epoch checkpoint, so keep-best-k keeps it only while it is the latest."""
@@ -173,7 +175,7 @@ def _save_mid_epoch(steps_done: int, step: int, totals: EpochTally, preempted: s
                  position={"plan": position.to_dict(), "epoch_step": steps_done, "tally": totals.as_list(),
                            "tally_world": plan.world, "preempted": bool(preempted)})
     upload = "sync" if preempted else cfg.run.checkpoint_upload  # in storage before the deadline
-    paused = _report_checkpoint(metrics, cfg, rank, write, upload)
+    paused = _report_checkpoint(metrics, cfg, rank, write, upload, steps)
     if rank == 0:
         log.info("%s%scheckpoint in epoch %d at step %d of %d (training paused %.2f s, upload %s)", label,
                  "just-in-time " if preempted else "", plan.epoch + 1, steps_done, steps_done + position.steps,
@@ -269,7 +271,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     plan, done_before, tally = EpochPlan.fresh(epoch, inputs.train_rows, world, step_images), 0, None
                 mid_epoch = MidEpochCheckpoints(cfg.run.checkpoint_every_steps, done_before + plan.steps, partial(
                     _save_mid_epoch, plan=plan, done_before=done_before, cfg=cfg, rank=rank, label=inputs.label,
-                    parts=parts))
+                    parts=parts, steps=watch.logger))
             if rank == 0:
                 ray.get(inputs.epoch_clock.set.remote(epoch, plan.to_dict() if mid_epoch else None))
             if dist.is_initialized():
@@ -310,7 +312,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 )
             write = dict(parts, epoch=done, step=step, config_yaml=cfg.to_yaml(), metrics=metrics,
                          rng_states=rng_states, confusion=confusion) if save else None
-            _report_checkpoint(metrics, cfg, rank, write)
+            _report_checkpoint(metrics, cfg, rank, write, steps=watch.logger)
             if watch.progress is not None:
                 watch.progress.end_epoch()
     finally:

@@ -36,6 +36,7 @@ class StepLogger:
         self.logged_through = self._watermark()
         self.pending: list[tuple[str, float, int]] = []
         self._lock = threading.Lock()
+        self._sending = threading.Lock()  # one batch on its way at a time: a flush returns once all are sent
         self._stop = threading.Event()
         self._warned = False
         self._thread = threading.Thread(target=self._run, name="vitlab-step-metrics", daemon=True)
@@ -74,23 +75,31 @@ class StepLogger:
         while not self._stop.wait(self.flush_every_s):
             self.flush()
 
+    def before_checkpoint(self) -> None:
+        """Send what waits, before a checkpoint is reported: a restore from that checkpoint does not train
+        the steps up to it again, so points of them still in memory when this process dies would be lost.
+        Skipped while the server is down (training never waits on an outage)."""
+        if not self._warned:
+            self.flush()
+
     def flush(self) -> None:
-        with self._lock:
-            batch, self.pending = self.pending, []
-        if not batch:
-            return
-        try:
-            with quick_retries():
-                log_metrics(self.client, self.run_id, batch)
-        except unreachable_errors() as e:
+        with self._sending:
             with self._lock:
-                self.pending = (batch + self.pending)[-MAX_WAITING:]
-            if not self._warned:
-                log.warning("MLflow unreachable (%s): step metrics wait and are sent when it answers",
-                            redact(first_line(e)))
-                self._warned = True
-            return
-        self._warned = False
+                batch, self.pending = self.pending, []
+            if not batch:
+                return
+            try:
+                with quick_retries():
+                    log_metrics(self.client, self.run_id, batch)
+            except unreachable_errors() as e:
+                with self._lock:
+                    self.pending = (batch + self.pending)[-MAX_WAITING:]
+                if not self._warned:
+                    log.warning("MLflow unreachable (%s): step metrics wait and are sent when it answers",
+                                redact(first_line(e)))
+                    self._warned = True
+                return
+            self._warned = False
 
     def close(self) -> None:
         self._stop.set()
