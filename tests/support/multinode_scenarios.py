@@ -29,7 +29,7 @@ import threading
 import time
 from pathlib import Path
 
-from tests.support import tiny_job
+from tests.support import in_thread, tiny_job
 
 NODE_CPUS = 2
 PREEMPTION_DEADLINE_S = 5
@@ -134,18 +134,9 @@ def scenario_node_loss(cluster, tmp: Path, data: str) -> None:
               "scaling.placement_strategy=STRICT_SPREAD", "run.max_failures=3",
               f"run.storage_path=s3://vitlab/multinode/{tmp.name}")
     uri = cfg.tracking.uri
-    out: dict = {}
-
-    def fit() -> None:
-        try:
-            out["outcome"] = train(cfg, log_model=False)
-        except BaseException as e:
-            out["error"] = repr(e)
-
     clocks_before = set(_actors("EpochClock"))
-    thread = threading.Thread(target=fit, daemon=True)
     with ActorWatch() as watch:
-        thread.start()
+        thread, out = in_thread(lambda: train(cfg, log_model=False))
         logged = wait_for_first_epoch(uri, "lossy", thread)
         # Before the loss: where the first worker group ran, against the cluster's worker nodes at that time.
         result("spread", worker_nodes=sorted(watch.together[0]) if watch.together else [],
@@ -161,9 +152,9 @@ def scenario_node_loss(cluster, tmp: Path, data: str) -> None:
         thread.join(timeout=420)
     if thread.is_alive():
         out["error"] = "training still running 7 minutes after the node came back"
-    o = out.get("outcome")
+    o = out.get("value")
     clocks = {a: n for a, n in _actors("EpochClock").items() if a not in clocks_before}
-    result("node_loss", error=out.get("error"), logged_before_loss=logged, removed=victim.node_id,
+    result("node_loss", error=_error(out), logged_before_loss=logged, removed=victim.node_id,
            head=cluster.head_node.node_id, epoch_clock_nodes=sorted(clocks.values()),
            added=new.node_id, worker_nodes=sorted(set(watch.seen.values())), workers_started=len(watch.seen),
            epochs=epochs_in_mlflow(o.tracking_uri, o.mlflow_run_id) if o else None,
@@ -185,16 +176,7 @@ def scenario_preemption(cluster, tmp: Path, data: str) -> None:
     cfg = job(tmp, data, "spot", "train.epochs=6", "scaling.num_workers=2", "scaling.cpus_per_worker=0.5",
               "scaling.placement_strategy=STRICT_SPREAD", "run.max_failures=0", "run.checkpoint_every_steps=1000",
               "run.preemption_check_every_steps=2", f"run.storage_path=s3://vitlab/multinode/{tmp.name}")
-    out: dict = {}
-
-    def fit() -> None:
-        try:
-            out["outcome"] = train(cfg, log_model=False)
-        except BaseException as e:
-            out["error"] = repr(e)
-
-    thread = threading.Thread(target=fit, daemon=True)
-    thread.start()
+    thread, out = in_thread(lambda: train(cfg, log_model=False))
     logged = wait_for_first_epoch(cfg.tracking.uri, "spot", thread)
     victim = sorted(cluster.worker_nodes, key=lambda n: n.node_id)[0]
     deadline_ms = int((time.time() + PREEMPTION_DEADLINE_S) * 1000)
@@ -208,9 +190,9 @@ def scenario_preemption(cluster, tmp: Path, data: str) -> None:
     new = cluster.add_node(temp_dir=os.environ["VITLAB_TEST_RAY_TEMP_DIR"], object_store_memory=150 * 1024**2,
                            num_cpus=NODE_CPUS)
     thread.join(timeout=420)
-    o = out.get("outcome")
+    o = out.get("value")
     run = mlflow.MlflowClient(cfg.tracking.uri).get_run(o.mlflow_run_id) if o else None
-    result("preemption", error=out.get("error") or (None if o else "still running 7 minutes after the drain"),
+    result("preemption", error=_error(out) or (None if o else "still running 7 minutes after the drain"),
            accepted=accepted, logged_before=logged, removed=victim.node_id, added=new.node_id,
            epochs=epochs_in_mlflow(o.tracking_uri, o.mlflow_run_id) if o else None,
            preemptions=run.data.tags.get("vitlab.preemptions") if run else None,
@@ -228,23 +210,14 @@ def scenario_elastic(cluster, tmp: Path, data: str) -> None:
     from vitlab.train import storage
     from vitlab.train.run import train
 
-    epochs = 12
+    epochs = 30  # runway: the grow-back must come while it still trains, whatever the registration lag
     # A worker takes 1.5 CPUs + 0.5 for a decode task: one per 2-CPU node, which is what Ray Train's elastic
     # count sees (it counts workers per node's free resources; a placement strategy is not part of it).
     cfg = job(tmp, data, "elastic", f"train.epochs={epochs}", "scaling.num_workers=[1, 2]",
               "scaling.cpus_per_worker=1.5", "scaling.resize_check_seconds=2", "run.max_failures=3",
               f"run.storage_path=s3://vitlab/multinode/{tmp.name}")
-    out: dict = {}
-
-    def fit() -> None:
-        try:
-            out["outcome"] = train(cfg, log_model=False)
-        except BaseException as e:
-            out["error"] = repr(e)
-
-    thread = threading.Thread(target=fit, daemon=True)
     with ActorWatch(interval=0.2) as watch:
-        thread.start()
+        thread, out = in_thread(lambda: train(cfg, log_model=False))
         logged = wait_for_first_epoch(cfg.tracking.uri, "elastic", thread)
         victim = sorted(cluster.worker_nodes, key=lambda n: n.node_id)[0]
         before = set(watch.first_seen)
@@ -267,19 +240,24 @@ def scenario_elastic(cluster, tmp: Path, data: str) -> None:
                                num_cpus=NODE_CPUS)
         print(f"elastic: added node {new.node_id}", flush=True)
         thread.join(timeout=420)
-    o = out.get("outcome")
+    o = out.get("value")
     history = {}
     if o:
         client = mlflow.MlflowClient(o.tracking_uri)
         history = {int(m.step): int(m.value) for m in client.get_metric_history(o.mlflow_run_id, "workers")}
     snapshot = json.loads(storage.read_bytes(storage.join(storage.run_dir(cfg), "checkpoint_manager_snapshot.json")))
-    result("elastic", error=out.get("error") or (None if o else "still running 7 minutes after the loss"),
+    result("elastic", error=_error(out) or (None if o else "still running 7 minutes after the loss"),
            logged_before=logged, epochs=epochs_in_mlflow(o.tracking_uri, o.mlflow_run_id) if o else None,
            expected_epochs=epochs, workers=history,
            resumed_after_s=round(min(restarted) - removed_at, 1) if restarted else None,
            final_step=snapshot["latest_checkpoint_result"]["metrics"]["step"],
            images=sorted({m.value for m in mlflow.MlflowClient(o.tracking_uri).get_metric_history(
                o.mlflow_run_id, "train_images")}) if o else None)
+
+
+def _error(out: dict) -> str | None:
+    """in_thread's error as text for a RESULT line."""
+    return repr(out["error"]) if isinstance(out.get("error"), BaseException) else out.get("error")
 
 
 def _actors(class_name: str) -> dict[str, str]:
