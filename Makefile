@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 VITLAB := $(VENV)/bin/vitlab
 DATA   ?= data/digits
 
-.PHONY: install browser demo test test-fast lint clean
+.PHONY: install browser demo test test-fast test-gpu lint clean
 
 install: $(VENV)/.installed browser
 
@@ -38,13 +38,19 @@ demo: $(VENV)/.installed
 lint: install
 	$(VENV)/bin/ruff check platform tests
 
-# Every test: the unit tier (pure) and the integration tier (real Ray, MLflow, clusters). CI runs this.
+# Every test: the unit tier (pure), the integration tier (real Ray, MLflow, clusters) and the gpu tier (skipped,
+# each with its reason, where no CUDA device is found). CI runs this.
 test: lint
-	$(VENV)/bin/pytest -q tests/unit tests/integration
+	$(VENV)/bin/pytest -q tests/unit tests/integration tests/gpu
 
 # The unit tier alone: no Ray runtime, no processes; under a minute here.
 test-fast: lint
 	$(VENV)/bin/pytest -q tests/unit
+
+# The gpu tier alone (tests/gpu/, marker gpu): bf16 and fp16 autocast, NCCL DDP, GPU decode, torch.compile on
+# CUDA, a short `vitlab train` with data.decode=gpu, `vitlab bench train --device cuda --quick`. Needs CUDA.
+test-gpu: lint
+	$(VENV)/bin/pytest -q -m gpu tests/gpu
 
 clean:
 	rm -rf $(VENV) data runs mlruns mlflow.db

@@ -161,6 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help=f"ONNX opset ({onnx.MIN_OPSET}-{onnx.MAX_OPSET}, default {onnx.DEFAULT_OPSET})")
     ex.add_argument("--atol", type=float, default=onnx.PARITY_ATOL,
                     help="parity tolerance: max |onnxruntime - torch| in fp32")
+    ex.add_argument("--optimize", action="store_true", help="fuse each attention block into onnxruntime's "
+                    "Attention op (com.microsoft: runs on onnxruntime only), parity checked like the plain graph")
     ex.add_argument("--quantize", choices=list(onnx.QUANTIZERS), help="also write DIR/model.int8.onnx (dynamic "
                     "int8 weights), checked by its top-1 agreement with fp32 on the model's val images")
     ex.add_argument("--int8-min-agreement", type=float, default=onnx.INT8_MIN_AGREEMENT,
@@ -179,11 +181,23 @@ def build_parser() -> argparse.ArgumentParser:
     reg.add_argument("--output-json")
     reg.set_defaults(func=commands.cmd_register)
 
-    pr = sub.add_parser("predict", help="top-k classes of images with the val preprocessing")
+    pr = sub.add_parser("predict", help="top-k classes of images with the val preprocessing (--out: batch "
+                        "prediction on Ray Data, written as Parquet)")
     pr.add_argument("model", metavar="MODEL", help=f"{MODEL_HELP}, or an export directory")
-    pr.add_argument("images", metavar="IMAGE", nargs="+", help="image files or directories of images")
+    pr.add_argument("images", metavar="DATA", nargs="+", help="image files or directories of images; with --out "
+                    "also URIs of them, or a dataset from 'vitlab data prepare' (labelled: top-1 is printed)")
     pr.add_argument("--top-k", type=int, default=5)
     pr.add_argument("--batch-size", type=int, default=32)
+    pr.add_argument("--out", metavar="PREDICTIONS", help="run on Ray Data (the model loaded once per worker "
+                    "process) and write Parquet here (a new directory or s3:// URI)")
+    pr.add_argument("--overwrite", action="store_true", help="replace earlier predictions in --out (whole)")
+    pr.add_argument("--split", default="val", help="the split of a prepared dataset (val or train; default val)")
+    pr.add_argument("--compute", choices=["tasks", "actors"], default="tasks", help="--out: Ray's tasks, each "
+                    "process loading the model once (default: they start on Ray's already-running workers), or an "
+                    "actor pool")
+    pr.add_argument("--actors", type=int, help="--out: tasks or actors at a time (default: the cluster's CPUs / "
+                    "--threads)")
+    pr.add_argument("--threads", type=int, default=1, help="torch / onnxruntime threads (and CPUs) per actor")
     pr.add_argument("--tracking-uri")
     pr.add_argument("--output-json")
     pr.set_defaults(func=commands.cmd_predict)
@@ -203,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     bd.set_defaults(func=commands.cmd_bench_data)
 
     bi = bench.add_parser("infer", help="batch-1 latency and batch throughput: torch eager, torch.compile, "
-                          "onnxruntime fp32 and int8")
+                          "onnxruntime fp32 (plain and --optimize's fused graph) and int8")
     bi.add_argument("--model", default="vit_small_patch16_224", help="timm model name (random weights)")
     bi.add_argument("--image-size", type=int, default=224)
     bi.add_argument("--batch-size", type=int, default=32, help="batch size of the throughput measurement")
@@ -217,10 +231,30 @@ def build_parser() -> argparse.ArgumentParser:
     bi.add_argument("--output-json")
     bi.set_defaults(func=commands.cmd_bench_infer)
 
-    bt = bench.add_parser("train", help="train steps inside a Ray Train worker vs a plain PyTorch loop")
-    bt.add_argument("--model", default="vit_tiny_patch16_224", help="timm model name (random weights)")
-    bt.add_argument("--image-size", type=int, default=112)
-    bt.add_argument("--batch-size", type=int, default=32, help="global batch per step")
+    bp = bench.add_parser("predict", help="Ray Data batch predict (--out) vs the single-process predict on the "
+                          "same images")
+    bp.add_argument("source", nargs="?", help="a folder of images to take them from, cycled (default: synthetic "
+                    "500x375 JPEGs)")
+    bp.add_argument("--images", type=int, help="images per side (default 1000; quick 48)")
+    bp.add_argument("--model", help="timm model name at --image-size, random weights (default: the digits job's "
+                    "ViT: vit_tiny_patch16_224, patch 4, width 96, depth 4)")
+    bp.add_argument("--image-size", type=int, default=32)
+    bp.add_argument("--batch-size", type=int, default=32)
+    bp.add_argument("--runtime", choices=["torch", "onnxruntime"], default="torch", help="onnxruntime: the model "
+                    "exported first, the export directory on both sides")
+    bp.add_argument("--compute", choices=["tasks", "actors"], default="tasks", help="the Ray Data side's --compute")
+    bp.add_argument("--quick", action="store_true", help="a tiny model and a few small images (tests)")
+    bp.add_argument("--output-json")
+    bp.set_defaults(func=commands.cmd_bench_predict)
+
+    bt = bench.add_parser("train", help="train steps inside a Ray Train worker vs a plain PyTorch loop; --device "
+                          "cuda: images/s per GPU with CPU and with GPU decode")
+    bt.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="cuda: one GPU, ViT-S/16 at 224 px in "
+                    "bf16 fed from real shards, data.decode cpu and gpu side by side (docs/benchmarks.md)")
+    bt.add_argument("--model", help="timm model name (random weights; default vit_tiny_patch16_224, on cuda "
+                    "vit_small_patch16_224)")
+    bt.add_argument("--image-size", type=int, help="default 112, on cuda 224")
+    bt.add_argument("--batch-size", type=int, help="global batch per step (default 32; on cuda per GPU, 128)")
     bt.add_argument("--steps", type=int, help="timed steps per side (default 30; quick 4)")
     bt.add_argument("--windows", type=int, help="alternating timing windows the steps are split into (default 6; "
                     "quick 2)")
@@ -247,7 +281,8 @@ def _validate_common(args: argparse.Namespace) -> None:
 # import are adopted before they say anything.
 LOGGED_COMMANDS = {"data prepare": ("ray",), "train": ("ray", "torch"), "sweep": ("ray", "torch"),
                    "bench data": ("ray", "torch"), "bench train": ("ray", "torch"), "export": ("torch",),
-                   "predict": ("torch",), "register": (), "bench infer": ("torch",)}
+                   "predict": ("ray", "torch"), "register": (), "bench infer": ("torch",),
+                   "bench predict": ("ray", "torch")}
 
 
 def command_name(args: argparse.Namespace) -> str:

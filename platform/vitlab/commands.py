@@ -176,7 +176,8 @@ def cmd_export(args: argparse.Namespace) -> None:
     bundle = load_bundle(args.model, args.tracking_uri)
     try:
         report = onnx.export(bundle, args.out, opset=args.opset, atol=args.atol, quantize=args.quantize,
-                             int8_min_agreement=args.int8_min_agreement, overwrite=args.overwrite)
+                             int8_min_agreement=args.int8_min_agreement, overwrite=args.overwrite,
+                             optimize=args.optimize)
     except onnx.ExportCheckError as e:
         print(f"vitlab: export: {e}", file=sys.stderr)
         raise SystemExit(1) from None
@@ -193,6 +194,22 @@ def cmd_register(args: argparse.Namespace) -> None:
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
+    if args.out:
+        from vitlab.deploy import batch, outputs
+
+        outputs.check_out(args.out, args.overwrite)  # before the model loads
+        bundle = load_bundle(args.model, args.tracking_uri)
+        summary = batch.batch_predict(bundle, args.images, args.out, top_k=args.top_k, batch_size=args.batch_size,
+                                      split=args.split, actors=args.actors, threads=args.threads,
+                                      overwrite=args.overwrite, compute=args.compute)
+        write_json(args.output_json, summary)
+        print(batch.format_summary(summary))
+        return
+    from vitlab.deploy.batch import is_dataset
+
+    for d in args.images:
+        if is_dataset(d):
+            raise UserError(f"{d}: a prepared dataset; predict its shards with --out PREDICTIONS (Ray Data)")
     bundle = load_bundle(args.model, args.tracking_uri)
     report = predict.predict(bundle, args.images, top_k=args.top_k, batch_size=args.batch_size)
     for r in report["results"]:
@@ -211,10 +228,30 @@ def cmd_bench_infer(args: argparse.Namespace) -> None:
 
 
 def cmd_bench_train(args: argparse.Namespace) -> None:
-    from vitlab.bench.train import bench_train, format_report
+    if args.device == "cuda":
+        from vitlab.bench.train_gpu import bench_train_gpu, format_report
 
-    report = bench_train(model_name=args.model, image_size=args.image_size, batch_size=args.batch_size,
-                         steps=args.steps, warmup=args.warmup, threads=args.threads, windows=args.windows,
-                         quick=args.quick)
+        for flag in ("threads", "windows"):
+            if getattr(args, flag) is not None:
+                raise UserError(f"--{flag}: a flag of the CPU benchmark; --device cuda times one GPU in one window")
+        report = bench_train_gpu(model_name=args.model, image_size=args.image_size, batch_size=args.batch_size,
+                                 steps=args.steps, warmup=args.warmup, quick=args.quick)
+    else:
+        from vitlab.bench.train import bench_train, format_report
+
+        given = {k: v for k, v in (("model_name", args.model), ("image_size", args.image_size),
+                                   ("batch_size", args.batch_size)) if v is not None}  # else bench_train's defaults
+        report = bench_train(**given, steps=args.steps, warmup=args.warmup, threads=args.threads,
+                             windows=args.windows, quick=args.quick)
+    write_json(args.output_json, report)
+    print(format_report(report))
+
+
+def cmd_bench_predict(args: argparse.Namespace) -> None:
+    from vitlab.bench.predict import bench_predict, format_report
+
+    report = bench_predict(source=args.source, images=args.images, model_name=args.model,
+                           image_size=args.image_size, batch_size=args.batch_size, quick=args.quick,
+                           runtime=args.runtime, compute=args.compute)
     write_json(args.output_json, report)
     print(format_report(report))

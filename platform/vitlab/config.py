@@ -48,13 +48,13 @@ class DataConfig(Section):
     repeated_aug: int = Field(1, ge=1)
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
-    # Rows of a shuffle buffer applied when batches are taken from the stream (0 = off; costs throughput).
-    shuffle_buffer: int = Field(0, ge=0)
+    shuffle_buffer: int = Field(0, ge=0)  # rows of a shuffle buffer on the stream's batches (0 = off; costs speed)
     prefetch_batches: int = Field(4, ge=0)
-    # Rows per block handed from the decode tasks to the consumer.
-    block_rows: int = Field(256, ge=1)
-    # CPUs each decode task reserves; on small machines below 1 so decode fits beside the Train workers.
-    decode_cpus: float = Field(1.0, gt=0.0)
+    block_rows: int = Field(512, ge=1)  # rows per block from a decode task (Ray costs per block, not row)
+    decode_cpus: float = Field(1.0, gt=0.0)  # CPUs per decode task; below 1 on small machines, beside the workers
+    # Where train JPEGs are decoded: cpu (the Ray Data tasks, PIL) or gpu (the training device, nvJPEG: for nodes with
+    # few CPUs per GPU; needs CUDA workers and no randaugment; val stays on cpu). docs/data.md
+    decode: Literal["cpu", "gpu"] = "cpu"
     # Keep the stream order identical between runs (a little slower); augmentation is seeded either way.
     deterministic: bool = False
 

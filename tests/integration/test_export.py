@@ -14,11 +14,14 @@ import torch
 from PIL import Image
 
 from tests.support import tiny_job
+from tests.support.cli import assert_one_line_error
 from tests.support.cli import run_cli as vitlab
 from tests.support.data import jpeg_bytes
 from vitlab.data.manifest import load_manifest
 from vitlab.deploy.bundle import load_bundle
+from vitlab.deploy.fusion import check_fusable
 from vitlab.deploy.predict import predict
+from vitlab.errors import UserError
 from vitlab.train.run import train
 
 
@@ -136,6 +139,31 @@ def test_int8_export_is_checked_on_the_val_images_and_predicts(trained, val_jpeg
         assert not (store / "strict8").exists()
 
 
+def test_optimized_export_fuses_attention_keeps_parity_and_quantizes(trained, exported, val_jpegs, store):
+    out = store / "fused"
+    proc = vitlab("export", trained.model_path, "--out", str(out), "--optimize", "--quantize", "int8",
+                  "--int8-min-agreement", "0.9", "--output-json", str(store / "fused.json"))
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((store / "fused.json").read_text())
+    depth = trained.model["kwargs"]["depth"]
+    assert report["optimized"] and report["fused"]["Attention"] == depth and "1 Attention" in proc.stdout
+    assert report["parity"]["ok"] and report["parity"]["max"] <= 1e-4
+    graph = onnx.load(str(out / "model.onnx")).graph
+    attention = [n for n in graph.node if n.op_type == "Attention"]
+    assert len(attention) == depth and {n.domain for n in attention} == {"com.microsoft"}
+    assert not any(n.op_type == "Softmax" for n in graph.node)  # nothing of the attention left unfused
+    assert json.loads((out / "classes.json").read_text())["fused"] == report["fused"]
+    assert report["int8"]["ok"]  # quantized from the fused graph: Attention -> QAttention
+    assert any(n.op_type == "QAttention" for n in onnx.load(str(out / "model.int8.onnx")).graph.node)
+    # same predictions as the plain export, and the torch model is left as it was (its own forward)
+    val_dir, _ = val_jpegs
+    plain, fused = (predict(load_bundle(str(d)), [str(val_dir)], top_k=1) for d in (exported[0], out))
+    assert sum(top1(plain)[p] != c for p, c in top1(fused).items()) <= 1
+    assert all("forward" not in vars(m) for m in load_bundle(trained.model_path).model.modules())
+    with pytest.raises(UserError, match="^--optimize: Linear has no timm ViT attention block"):
+        check_fusable(torch.nn.Linear(2, 2))
+
+
 def test_predict_reports_unreadable_files_and_runs_the_rest(trained, exported, tmp_path):
     good = jpeg_bytes(3, 0, (40, 30))
     (tmp_path / "a.jpg").write_bytes(good)
@@ -234,3 +262,76 @@ def test_export_into_an_earlier_export_needs_overwrite_and_replaces_it_whole(tra
     assert replaced.returncode == 0, replaced.stderr
     assert sorted(p.name for p in out.iterdir()) == ["classes.json", "model.onnx"]  # no stale int8 file beside
     assert not list(store.glob(".again.*"))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# `vitlab predict --out`: batch prediction on Ray Data (the session's Ray), written as Parquet
+
+
+def test_batch_predict_on_the_val_split_reproduces_val_top1_exactly(trained, exported, digits_dir, store):
+    out = store / "preds"
+    proc = vitlab("predict", trained.model_path, digits_dir, "--out", out, "--top-k", "3", "--batch-size", "50",
+                  "--output-json", store / "preds.json")
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads((store / "preds.json").read_text())
+    assert (summary["rows"], summary["predicted"], summary["errors"], summary["labelled"]) == (360, 360, 0, 360)
+    assert summary["top1"] == trained.val_top1  # exactly: the same rows, decode, normalisation and weights
+    assert f"top-1 {trained.val_top1:.4f} ({summary['correct']}/360 of the val split)" in proc.stdout
+    table = pq.read_table(out)
+    assert table.column_names == ["key", "top_k_index", "top_k_class", "top_k_probability", "error", "label",
+                                  "correct"]
+    rows = table.to_pylist()
+    assert len(rows) == 360 and len({r["key"] for r in rows}) == 360
+    first = rows[0]
+    assert len(first["top_k_index"]) == 3 and first["top_k_class"] == [str(i) for i in first["top_k_index"]]
+    assert first["top_k_probability"] == sorted(first["top_k_probability"], reverse=True)
+    assert sum(r["correct"] for r in rows) / 360 == trained.val_top1
+    assert all(r["correct"] == (r["top_k_index"][0] == r["label"]) for r in rows)
+    marker = json.loads((out / "_vitlab_predictions.json").read_text())
+    assert marker["rows"] == 360 and all((out / f).is_file() for f in marker["files"])
+    # an existing output: refused without --overwrite; replaced whole with it (here by the ONNX export)
+    again = vitlab("predict", trained.model_path, digits_dir, "--out", out)
+    assert_one_line_error(again, "already holds predictions (pass --overwrite")
+    onnx_run = vitlab("predict", exported[0], digits_dir, "--out", out, "--overwrite", "--top-k", "1")
+    assert onnx_run.returncode == 0, onnx_run.stderr
+    assert "onnxruntime" in onnx_run.stdout and pq.read_table(out).num_rows == 360
+    assert not set(marker["files"]) & {p.name for p in out.iterdir()}  # no file of the first run left
+    assert not list(store.glob(".preds.*"))
+
+
+def test_batch_predict_folder_without_labels_keeps_going_past_bad_files(exported, tmp_path):
+    good = jpeg_bytes(3, 0, (40, 30))
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.jpg").write_bytes(good)
+    Image.open(io.BytesIO(good)).save(tmp_path / "in" / "b.png")
+    (tmp_path / "in" / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not a jpeg")
+    (tmp_path / "in" / "notes.txt").write_text("not an image, not listed")
+    out = tmp_path / "preds"
+    proc = vitlab("predict", exported[0], tmp_path / "in", "--out", out, "--top-k", "2")
+    assert proc.returncode == 0, proc.stderr
+    assert "3 rows" in proc.stdout and "1 unreadable" in proc.stdout and "top-1" not in proc.stdout
+    table = pq.read_table(out)
+    assert table.column_names == ["key", "top_k_index", "top_k_class", "top_k_probability", "error"]
+    rows = {Path(r["key"]).name: r for r in table.to_pylist()}
+    assert set(rows) == {"a.jpg", "b.png", "corrupt.jpg"}
+    assert "not a readable image" in rows["corrupt.jpg"]["error"] and rows["corrupt.jpg"]["top_k_index"] == []
+    assert rows["a.jpg"]["error"] is None and len(rows["a.jpg"]["top_k_class"]) == 2
+
+
+def test_batch_predict_bad_input_is_one_line_and_writes_nothing(exported, tmp_path):
+    model = exported[0]
+    assert_one_line_error(vitlab("predict", model, tmp_path / "missing", "--out", tmp_path / "p1"),
+                          "missing: no such file or directory")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "keep.txt").write_text("a user's file")
+    assert_one_line_error(vitlab("predict", model, tmp_path, "--out", tmp_path / "mine"),
+                          "exists and is not predictions vitlab wrote")
+    assert (tmp_path / "mine" / "keep.txt").read_text() == "a user's file"
+    (tmp_path / "text").mkdir()
+    (tmp_path / "text" / "notes.txt").write_text("no images here")
+    assert_one_line_error(vitlab("predict", model, tmp_path / "text", "--out", tmp_path / "p2"), "no image files")
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "x.jpg").write_bytes(b"not a jpeg")
+    assert_one_line_error(vitlab("predict", model, tmp_path / "bad", "--out", tmp_path / "p3"),
+                          "no image could be read (1 given;")
+    assert not any((tmp_path / p).exists() for p in ("p1", "p2", "p3")) and not list(tmp_path.glob(".p3.*"))

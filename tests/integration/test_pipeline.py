@@ -42,3 +42,21 @@ def test_train_augmentation_seeded_by_seed_and_epoch(manifest):
     assert not torch.equal(l0, l1)  # order reshuffled per epoch
     assert sorted(l0.tolist()) == sorted(l1.tolist())  # but every image once
     assert not torch.equal(a0, c0)  # another seed: other crops
+
+
+def test_gpu_decode_stream_through_ray_data_gives_the_cpu_streams_batches(manifest):
+    """data.decode=gpu on the CPU tier: the Ray Data tasks yield JPEG bytes, boxes and flips (a binary column),
+    EncodedCollate packs them, and decode_crops (device cpu here) gives the CPU path's images, in its order."""
+    from vitlab.data.gpu_decode import batch_images, encoded_batches
+
+    cpu = DataConfig(image_size=16, deterministic=True, block_rows=64)
+    gpu = cpu.model_copy(update={"decode": "gpu"})
+    images, labels = collect(train_dataset(manifest, cpu, seed=7, epoch=1))
+    decoded, decoded_labels = [], []
+    for batch in train_dataset(manifest, gpu, seed=7, epoch=1).iter_torch_batches(batch_size=64, **encoded_batches()):
+        assert batch["jpeg"].dtype == torch.uint8 and batch["jpeg"].device.type == "cpu"
+        decoded.append(batch_images(batch, gpu, "cpu"))
+        decoded_labels.append(batch["label"])
+    decoded, decoded_labels = torch.cat(decoded), torch.cat(decoded_labels)
+    assert torch.equal(decoded_labels, labels) and decoded.shape == images.shape and decoded.dtype == torch.uint8
+    assert (decoded.float() - images.float()).abs().mean() < 4  # the same crops; PIL's draft decode differs a little

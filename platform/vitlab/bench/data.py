@@ -2,8 +2,8 @@
 
 The source is re-encoded by `vitlab data prepare` with the ImageNet setting of docs/data.md (max side 256,
 quality 90; timed separately as prepare_s, like FFCV's one-off dataset write). Then, one after the other (never
-overlapping), each for the same measuring time after a warm-up batch, every side producing image_size x
-image_size random crops:
+overlapping), each for the same measuring time after a warm-up (the first batch, then a fifth of that time),
+every side producing image_size x image_size random crops:
 
 (a) the ceiling: vitlab's decode_train over the shards' own JPEG bytes in one tight loop, one process on one
     core, times the cores used: what the decode alone allows;
@@ -33,19 +33,24 @@ from vitlab.bench.common import cores, load_avg
 from vitlab.cluster import connect
 from vitlab.config import DataConfig
 from vitlab.data.manifest import load_manifest
-from vitlab.data.pipeline import train_dataset
+from vitlab.data.pipeline import Span, train_dataset
 from vitlab.data.prepare import EncodeOptions, prepare
 from vitlab.data.transforms import decode_train
 from vitlab.errors import UserError
 
 
 def _measure(batches, seconds: float) -> dict[str, float]:
-    """Consume batches: time to the first one, then images/s over the next ``seconds``."""
+    """Consume batches: time to the first one, a warm-up of a fifth of ``seconds`` (worker processes starting and
+    importing, the first tasks), then images/s over the next ``seconds``."""
     start = time.perf_counter()
     it = iter(batches)
     first = next(it)
     first_s = time.perf_counter() - start
     del first
+    warm_until = time.perf_counter() + seconds / 5
+    for _ in it:
+        if time.perf_counter() >= warm_until:
+            break
     images, t0 = 0, time.perf_counter()
     for batch in it:
         images += len(batch[1] if isinstance(batch, (list, tuple)) else batch["label"])
@@ -69,12 +74,14 @@ def _epochs(make_iter):
 def bench_ray_data(data_dir: str, image_size: int, batch_size: int, seconds: float) -> dict[str, float]:
     manifest = load_manifest(data_dir)
     data = DataConfig(image_size=image_size)
+    # as training streams it: epochs back to back, span.epochs per Ray Data execution (data/pipeline.py)
+    span = Span.plan(manifest.rows("train"), batch_size, 1, 1, last=10**9)
 
-    def one_epoch(epoch: int):
-        ds = train_dataset(manifest, data, seed=0, epoch=epoch)
-        return ds.iter_torch_batches(batch_size=batch_size, prefetch_batches=4)
+    def one_span(n: int):
+        ds = train_dataset(manifest, data, seed=0, epoch=n * (span.epochs if span else 1), span=span)
+        return ds.iter_torch_batches(batch_size=batch_size, prefetch_batches=data.prefetch_batches)
 
-    return _measure(_epochs(one_epoch), seconds)
+    return _measure(_epochs(one_span), seconds)
 
 
 def _shard_images(data_dir: str) -> tuple[list[bytes], list[int], list[str]]:
@@ -179,7 +186,7 @@ def bench_data(source: str, image_size: int = 224, batch_size: int = 128, max_si
             "ceiling": "decode_train (draft decode + RandomResizedCrop + flip) over the shards' bytes, one process "
                        "on one core, x ceiling_cores",
             "ray_data": "prepare --max-side/--quality -> train_dataset (fused read+decode+RandomResizedCrop+flip "
-                        "tasks) -> iter_torch_batches(prefetch_batches=4), uint8",
+                        "tasks, epochs back to back in spans of >= 100,000 images) -> iter_torch_batches, uint8",
             "torch_dataloader": "ImageFolder(original JPEGs) + RandomResizedCrop + flip + ToTensor + Normalize",
             "torch_dataloader_same_bytes": "the same DataLoader on an ImageFolder written from the shards' bytes",
         },

@@ -2,8 +2,9 @@
 
 (a) torch eager (``inference_mode``), (b) ``torch.compile`` (inductor; where it works here, else reported as
 unavailable with the reason), (c) onnxruntime on the model exported by ``vitlab export``'s code path (graph
-optimisation level ALL, intra-op threads = the cores), (d) onnxruntime on that model quantized as
-``vitlab export --quantize int8`` does (dynamic int8 weights).
+optimisation level ALL, intra-op threads = the cores), (d) the same on the graph ``vitlab export --optimize``
+writes (attention fused into onnxruntime's Attention op; the JSON gives the fused node counts), (e) onnxruntime
+on the plain model quantized as ``vitlab export --quantize int8`` does (dynamic int8 weights).
 
 For each: batch-1 latency (p50, p90 over timed iterations after a warm-up) and batch-N throughput. The
 measurements are interleaved in rounds (eager, compile, onnxruntime, eager, ...) so that a change in the

@@ -28,7 +28,6 @@ from vitlab import model as models
 from vitlab import tracking
 from vitlab.config import JobConfig
 from vitlab.data.manifest import load_manifest
-from vitlab.data.pipeline import normalize_on_device
 from vitlab.data.transforms import RESAMPLE, decode_val
 from vitlab.errors import UserError
 from vitlab.train import state, storage
@@ -72,10 +71,13 @@ class ModelBundle:
         return decode_val(data, self.image_size, self.crop_pct, self.interpolation)
 
     def normalize(self, images: np.ndarray) -> np.ndarray:
-        """uint8 NHWC -> float32 NCHW, (x / 255 - mean) / std: the training pipeline's normalize_on_device."""
-        import torch
-
-        return normalize_on_device(torch.from_numpy(images), self.mean, self.std).numpy()
+        """uint8 NHWC -> float32 NCHW, (x / 255 - mean) / std: the training pipeline's normalize_on_device, in
+        numpy (the same float32 operations in the same order, so the same bits; no torch import, which an
+        onnxruntime-only process such as a batch-predict actor would otherwise pay seconds for)."""
+        x = np.ascontiguousarray(images.transpose(0, 3, 1, 2)).astype(np.float32) / np.float32(255.0)
+        x -= np.asarray(self.mean, dtype=np.float32).reshape(1, -1, 1, 1)
+        x /= np.asarray(self.std, dtype=np.float32).reshape(1, -1, 1, 1)
+        return x
 
     def classes_json(self) -> dict[str, Any]:
         """What ``classes.json`` holds: enough to preprocess an image and name the outputs."""

@@ -4,6 +4,7 @@ inputs, and for a quantized copy (QUANTIZERS) top-1 agreement with torch fp32 on
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
@@ -17,6 +18,7 @@ import pyarrow.parquet as pq
 
 from vitlab import outdir, tracking
 from vitlab.data.manifest import load_manifest
+from vitlab.deploy import fusion
 from vitlab.deploy.bundle import CLASSES_FILE, INPUT_NAME, ONNX_FILE, OUTPUT_NAME, ModelBundle
 from vitlab.errors import UserError
 
@@ -36,8 +38,9 @@ class ExportCheckError(RuntimeError):
     """The exported model's outputs do not agree with torch's closely enough; nothing was written."""
 
 
-def ort_session(path: str | Path, threads: int | None = None):
-    """An onnxruntime CPU session: all graph optimisations, intra-op threads = the cores given."""
+def ort_session(path: str | Path | bytes, threads: int | None = None):
+    """An onnxruntime CPU session (of a file, or of the model's bytes): all graph optimisations, intra-op
+    threads = the cores given."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -46,7 +49,8 @@ def ort_session(path: str | Path, threads: int | None = None):
     if threads:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(path if isinstance(path, bytes) else str(path), opts,
+                                providers=["CPUExecutionProvider"])
 
 
 def check_opset(opset: int) -> None:
@@ -54,20 +58,26 @@ def check_opset(opset: int) -> None:
         raise UserError(f"--opset {opset}: expected {MIN_OPSET}-{MAX_OPSET} (the TorchScript ONNX exporter's range)")
 
 
-def export_onnx_file(model, path: Path, image_size: int, opset: int = DEFAULT_OPSET) -> Path:
+def export_onnx_file(model, path: Path, image_size: int, opset: int = DEFAULT_OPSET,
+                     optimize: bool = False) -> dict[str, int]:
     """torch -> ONNX with a dynamic batch axis. The TorchScript exporter (dynamo=False) needs no onnxscript
-    and traces timm's ViTs (fused attention included) into plain ONNX ops that onnxruntime fuses."""
+    and traces timm's ViTs (fused attention included) into plain ONNX ops that onnxruntime fuses. ``optimize``:
+    attention exported in the form onnxruntime's transformer optimizer fuses, and fused (deploy/fusion.py).
+    Returns the fused node counts ({} without ``optimize``)."""
     import torch
 
     check_opset(opset)
     example = torch.randn(1, 3, image_size, image_size)
-    with warnings.catch_warnings(), torch.no_grad():
+    with fusion.fusable_attention(model) if optimize else contextlib.nullcontext() as blocks, \
+            warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # the exporter's deprecation notice and tracer warnings
         torch.onnx.export(
             model.eval(), (example,), str(path), dynamo=False, opset_version=opset, input_names=[INPUT_NAME],
             output_names=[OUTPUT_NAME], dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
         )
-    return path
+    if not optimize:
+        return {}
+    return fusion.fuse_onnx(path, blocks[0].num_heads, blocks[0].attn_dim)
 
 
 def check_parity(model, onnx_path: Path, image_size: int, batch_sizes=PARITY_BATCH_SIZES, seed: int = 0,
@@ -92,14 +102,17 @@ def check_parity(model, onnx_path: Path, image_size: int, batch_sizes=PARITY_BAT
 
 def quantize_int8(fp32_path: Path, out_path: Path) -> Path:
     """Dynamic int8 quantization (onnxruntime): MatMul/Gemm weights int8 per output channel, activations
-    quantized on the fly. Most of a ViT's CPU time is those MatMuls; the rest stays fp32."""
+    quantized on the fly. Most of a ViT's CPU time is those MatMuls; the rest stays fp32. A fused graph's
+    Attention nodes become QAttention (their output type, which ONNX shape inference does not know: float)."""
+    from onnx import TensorProto
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.ERROR)  # it warns "consider pre-processing" on the root logger at every call
     try:
-        quantize_dynamic(str(fp32_path), str(out_path), weight_type=QuantType.QInt8, per_channel=True)
+        quantize_dynamic(str(fp32_path), str(out_path), weight_type=QuantType.QInt8, per_channel=True,
+                         extra_options={"DefaultTensorType": TensorProto.FLOAT})
     finally:
         root.setLevel(level)
     return out_path
@@ -177,14 +190,18 @@ def check_out(out: Path, overwrite: bool) -> None:
 
 def export(bundle: ModelBundle, out_dir: str | Path, opset: int = DEFAULT_OPSET, atol: float = PARITY_ATOL,
            log_to_mlflow: bool = True, quantize: str | None = None,
-           int8_min_agreement: float = INT8_MIN_AGREEMENT, overwrite: bool = False) -> dict[str, Any]:
+           int8_min_agreement: float = INT8_MIN_AGREEMENT, overwrite: bool = False,
+           optimize: bool = False) -> dict[str, Any]:
     """Write OUT/model.onnx and OUT/classes.json, check onnxruntime against torch, log to the model's
     MLflow run (when it came from one). Nothing is put in place unless parity holds. ``quantize`` (a
     QUANTIZERS name) also writes the quantized file, put in place only if its top-1 agrees with fp32's often
-    enough. An existing OUT is replaced whole, only with ``overwrite``."""
+    enough. An existing OUT is replaced whole, only with ``overwrite``. ``optimize``: model.onnx is the graph
+    with onnxruntime's fused Attention nodes (deploy/fusion.py), and the quantized file is made from it."""
     if bundle.model is None:
         raise UserError(f"{bundle.source}: already an ONNX export (give a model file, checkpoint or MLflow URI)")
     check_opset(opset)
+    if optimize:
+        fusion.check_fusable(bundle.model)
     if quantize is not None and quantize not in QUANTIZERS:
         raise UserError(f"--quantize {quantize}: expected one of {', '.join(QUANTIZERS)}")
     if not 0.0 <= int8_min_agreement <= 1.0:
@@ -193,8 +210,9 @@ def export(bundle: ModelBundle, out_dir: str | Path, opset: int = DEFAULT_OPSET,
     check_out(out, overwrite)
     tmp = outdir.staging(out)
     try:
-        export_onnx_file(bundle.model, tmp / ONNX_FILE, bundle.image_size, opset)
-        (tmp / CLASSES_FILE).write_text(json.dumps({**bundle.classes_json(), "opset": opset}, indent=2))
+        fused = export_onnx_file(bundle.model, tmp / ONNX_FILE, bundle.image_size, opset, optimize=optimize)
+        meta = {**bundle.classes_json(), "opset": opset, **({"fused": fused} if optimize else {})}
+        (tmp / CLASSES_FILE).write_text(json.dumps(meta, indent=2))
         parity = check_parity(bundle.model, tmp / ONNX_FILE, bundle.image_size)
         parity.update(atol=atol, ok=parity["max"] <= atol)
         if not parity["ok"]:
@@ -219,7 +237,10 @@ def export(bundle: ModelBundle, out_dir: str | Path, opset: int = DEFAULT_OPSET,
         "onnx": str(out / ONNX_FILE), "classes_json": str(out / CLASSES_FILE), "opset": opset,
         "bytes": (out / ONNX_FILE).stat().st_size, "source": bundle.source, "num_classes": bundle.num_classes,
         "image_size": bundle.image_size, "parity": parity, "mlflow_run_id": bundle.run_id, "mlflow_model_uri": None,
+        "optimized": optimize,
     }
+    if optimize:
+        report["fused"] = fused
     if quantized is not None:
         report[quantize] = quantized
     if bundle.run_id and log_to_mlflow:
@@ -236,6 +257,10 @@ def format_export(report: dict[str, Any]) -> str:
         f"and {report['classes_json']} ({report['num_classes']} classes, {report['image_size']} px)",
         f"parity onnxruntime vs torch (fp32): max |diff| {per_batch} <= {p['atol']:g}: OK",
     ]
+    if report.get("optimized"):
+        nodes = ", ".join(f"{n} {op}" for op, n in report["fused"].items())
+        lines.insert(1, f"fused for onnxruntime (--optimize): {nodes or 'nothing'} (com.microsoft ops: "
+                        "onnxruntime only)")
     for name in QUANTIZERS:
         q = report.get(name)
         if q:

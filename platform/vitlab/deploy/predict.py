@@ -53,7 +53,8 @@ def list_images(paths: list[str]) -> list[Path]:
     return files
 
 
-def _read_error(e: Exception) -> str:
+def read_error(e: Exception) -> str:
+    """Why a file could not be predicted, in a few words."""
     if isinstance(e, FileNotFoundError):
         return "no such file"
     if isinstance(e, IsADirectoryError | PermissionError):
@@ -71,7 +72,7 @@ def _batches(files: list[Path], bundle: ModelBundle, batch_size: int,
             images.append(bundle.decode(f.read_bytes()))
             paths.append(f)
         except Exception as e:  # any decoder failure is this file's problem; the rest still run
-            errors[f] = _read_error(e)
+            errors[f] = read_error(e)
             log.debug("cannot decode %s", f, exc_info=True)
         if len(images) == batch_size:
             yield paths, np.stack(images)

@@ -61,14 +61,18 @@ def torch_compile(setup: RuntimeSetup) -> tuple[Runner, dict[str, Any]]:
     return run, {"compile_s": round(time.perf_counter() - t0, 1)}
 
 
-def _onnx_file(setup: RuntimeSetup) -> tuple[Path, float]:
-    """The model as `vitlab export` writes it (exported once per workdir); returns (path, seconds taken)."""
-    path = setup.workdir / ONNX_FILE
-    if path.is_file():
-        return path, 0.0
+FUSED_FILE = "model.fused.onnx"
+
+
+def _onnx_file(setup: RuntimeSetup, optimize: bool = False) -> tuple[Path, float, dict[str, int]]:
+    """The model as `vitlab export` (``optimize``: `--optimize`) writes it; returns (path, seconds taken, fused
+    node counts). The plain file is exported once per workdir: the int8 runtime quantizes it."""
+    path = setup.workdir / (FUSED_FILE if optimize else ONNX_FILE)
+    if path.is_file() and not optimize:
+        return path, 0.0, {}
     t0 = time.perf_counter()
-    export_onnx_file(setup.model, path, setup.image_size, setup.opset)
-    return path, time.perf_counter() - t0
+    fused = export_onnx_file(setup.model, path, setup.image_size, setup.opset, optimize=optimize)
+    return path, time.perf_counter() - t0, fused
 
 
 def _session_runner(path: Path, setup: RuntimeSetup) -> Runner:
@@ -76,18 +80,24 @@ def _session_runner(path: Path, setup: RuntimeSetup) -> Runner:
     return lambda x: session.run([OUTPUT_NAME], {INPUT_NAME: x})[0]
 
 
-def onnxruntime_fp32(setup: RuntimeSetup) -> tuple[Runner, dict[str, Any]]:
-    path, export_s = _onnx_file(setup)
+def onnxruntime_fp32(setup: RuntimeSetup, optimize: bool = False) -> tuple[Runner, dict[str, Any]]:
+    path, export_s, fused = _onnx_file(setup, optimize)
     run = _session_runner(path, setup)
     x = _inputs(1, 2, setup)
     diff = float(np.abs(run(x) - _eager_logits(setup, x)).max())
-    return run, {"export_s": round(export_s, 1), "max_abs_diff_vs_eager": diff,
-                 "graph_optimization": "ORT_ENABLE_ALL", "intra_op_threads": setup.threads}
+    notes = {"export_s": round(export_s, 1), "max_abs_diff_vs_eager": diff, "graph_optimization": "ORT_ENABLE_ALL",
+             "intra_op_threads": setup.threads}
+    return run, {**notes, "fused": fused} if optimize else notes
+
+
+def onnxruntime_fused(setup: RuntimeSetup) -> tuple[Runner, dict[str, Any]]:
+    """What `vitlab export --optimize` writes: each attention block one onnxruntime Attention node."""
+    return onnxruntime_fp32(setup, optimize=True)
 
 
 def onnxruntime_int8(setup: RuntimeSetup) -> tuple[Runner, dict[str, Any]]:
-    """What `vitlab export --quantize int8` writes, from the same fp32 file."""
-    path, _ = _onnx_file(setup)
+    """What `vitlab export --quantize int8` writes, from the same (plain) fp32 file."""
+    path, _, _ = _onnx_file(setup)
     t0 = time.perf_counter()
     run = _session_runner(quantize_int8(path, setup.workdir / INT8_FILE), setup)
     quantize_s = time.perf_counter() - t0
@@ -106,5 +116,6 @@ RUNTIMES: dict[str, Callable[[RuntimeSetup], tuple[Runner, dict[str, Any]]]] = {
     "torch_eager": torch_eager,
     "torch_compile": torch_compile,
     "onnxruntime": onnxruntime_fp32,
+    "onnxruntime_fused": onnxruntime_fused,
     "onnxruntime_int8": onnxruntime_int8,
 }

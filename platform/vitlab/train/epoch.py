@@ -19,6 +19,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from vitlab.config import JobConfig
+from vitlab.data.gpu_decode import batch_images
 from vitlab.data.pipeline import normalize_on_device
 from vitlab.progress import TrainProgress
 from vitlab.train import state as ckpt
@@ -228,7 +229,8 @@ def train_one_epoch(model, batches, optimizer, schedule, scaler, loss_fn, augmen
         tally.wait_s += waited
         if profiler is not None:
             profiler.before_step(step)
-        images = normalize_on_device(batch["image"], cfg.data.mean, cfg.data.std, device, cfg.train.channels_last)
+        images = normalize_on_device(batch_images(batch, cfg.data, device), cfg.data.mean, cfg.data.std, device,
+                                     cfg.train.channels_last)  # data.decode=gpu: decoded here, on the device
         labels = batch["label"].to(device, non_blocking=True)
         images, targets = augment(images, labels)  # random erasing, mixup/cutmix
         last_micro = (micro + 1) % accum == 0

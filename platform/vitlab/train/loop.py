@@ -13,6 +13,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from functools import partial
+from itertools import islice
 from typing import Any
 
 import numpy as np
@@ -27,7 +28,8 @@ from timm.utils import ModelEmaV3
 from vitlab import logs
 from vitlab import model as models
 from vitlab.config import JobConfig
-from vitlab.data.pipeline import train_key
+from vitlab.data.gpu_decode import check_decode_device, encoded_batches
+from vitlab.data.pipeline import shared_span, train_key
 from vitlab.data.positions import EpochPlan
 from vitlab.progress import TrainProgress
 from vitlab.train import state as ckpt
@@ -208,6 +210,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
+    if cfg.data.decode == "gpu":
+        check_decode_device(device)  # before any work: preflight cannot see a cluster's workers
     torch.manual_seed(cfg.train.seed + rank)
     np.random.seed((cfg.train.seed + rank) % 2**32)
     random.seed(cfg.train.seed + rank)  # timm's RandomErasing draws from Python's random
@@ -261,6 +265,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     parts = {"model": model, "ema": ema, "optimizer": optimizer, "scaler": scaler}
     every = cfg.run.preemption_check_every_steps
     preemption = PreemptionChecks(every, rank, inputs.label) if every else None
+    encoded = encoded_batches() if cfg.data.decode == "gpu" else {}  # JPEG bytes, decoded on the device
+
+    # The shared stream runs span.epochs epochs per Ray Data execution: each epoch takes its steps from it.
+    span, span_batches, span_left = shared_span(cfg, inputs.train_rows), None, 0
 
     # -- epochs ----------------------------------------------------------------------------------------
     try:
@@ -272,26 +280,35 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 mid_epoch = MidEpochCheckpoints(cfg.run.checkpoint_every_steps, done_before + plan.steps, partial(
                     _save_mid_epoch, plan=plan, done_before=done_before, cfg=cfg, rank=rank, label=inputs.label,
                     parts=parts, steps=watch.logger))
-            if rank == 0:
+            starts_stream = mid_epoch is not None or span_left == 0  # the same on every rank
+            if rank == 0 and starts_stream:
                 ray.get(inputs.epoch_clock.set.remote(epoch, plan.to_dict() if mid_epoch else None))
-            if dist.is_initialized():
+            if dist.is_initialized() and starts_stream:
                 dist.barrier()  # every worker starts reading only once the epoch clock is set
             iter_before = _iterator_stats(train_shard)
             layout = StepLayout.of(cfg, plan.share(0)) if mid_epoch is not None else None
             if layout is not None:  # whole optimizer steps of this worker's piece, in order
                 batches = micro_batches(train_shard.iter_torch_batches(
-                    batch_size=plan.share(rank), drop_last=True, prefetch_batches=cfg.data.prefetch_batches,
+                    batch_size=plan.share(rank), drop_last=True, prefetch_batches=cfg.data.prefetch_batches, **encoded,
                 ), layout.accum)
             else:
-                shuffle_seed = (cfg.train.seed * 1_000_003 + epoch * 1009 + rank) % 2**32
-                batches = train_shard.iter_torch_batches(
-                    batch_size=per_worker, drop_last=True, prefetch_batches=cfg.data.prefetch_batches,
-                    local_shuffle_buffer_size=cfg.data.shuffle_buffer or None,
-                    local_shuffle_seed=shuffle_seed if cfg.data.shuffle_buffer else None,
-                )
+                if span_left == 0:
+                    shuffle_seed = (cfg.train.seed * 1_000_003 + epoch * 1009 + rank) % 2**32
+                    span_batches = iter(train_shard.iter_torch_batches(
+                        batch_size=per_worker, drop_last=True, prefetch_batches=cfg.data.prefetch_batches,
+                        local_shuffle_buffer_size=cfg.data.shuffle_buffer or None,
+                        local_shuffle_seed=shuffle_seed if cfg.data.shuffle_buffer else None, **encoded,
+                    ))
+                    span_left = min(span.epochs, cfg.train.epochs - epoch) if span is not None else 1
+                span_left -= 1
+                # each worker holds span.images / W rows of every epoch of the span: exactly its steps
+                batches = islice(span_batches, steps_per_epoch * cfg.optim.accum_steps) if span else span_batches
             train_metrics, step = train_one_epoch(model, batches, optimizer, schedule, scaler, loss_fn, augment,
                                                   ema, cfg, device, step, epoch, watch, tally, done_before,
                                                   mid_epoch, preemption, layout)
+            if span is not None and span_left == 0 and mid_epoch is None:
+                for _ in span_batches:  # the span's end (none left): its execution finishes before the next starts
+                    pass
             train_metrics.update(_iterator_stats(train_shard, before=iter_before))
             evaluated = {"": ckpt.unwrap(model), **({"_ema": ema.module} if ema is not None else {})}
             val_metrics, confusion = evaluate(

@@ -10,7 +10,7 @@ from ray.train.torch import TorchTrainer
 
 from vitlab.config import JobConfig
 from vitlab.data.manifest import Manifest
-from vitlab.data.pipeline import train_datasets, val_dataset
+from vitlab.data.pipeline import shared_span, train_datasets, val_dataset
 from vitlab.train.ingest import dataset_config
 from vitlab.train.loop import LoopInputs, train_loop_per_worker
 from vitlab.train.storage import storage_root
@@ -23,7 +23,7 @@ def build_trainer(cfg: JobConfig, manifest: Manifest, inputs: LoopInputs, callba
     resources = {"CPU": cfg.scaling.cpus_per_worker}
     # one train stream per possible rank: an elastic run's workers take the first W of them
     train = train_datasets(manifest, cfg.data, cfg.train.seed, inputs.epoch_clock, cfg.scaling.max_workers,
-                           cfg.positional_stream)
+                           cfg.positional_stream, shared_span(cfg, inputs.train_rows))
     if cfg.scaling.use_gpu:
         resources["GPU"] = cfg.scaling.gpus_per_worker
     return TorchTrainer(
