@@ -43,9 +43,9 @@ class DataConfig(Section):
     reprob: float = Field(0.0, ge=0.0, le=1.0)
     remode: Literal["pixel", "rand", "const"] = "pixel"
     recount: int = Field(1, ge=1)
-    # Repeated augmentation (DeiT's RASampler): each image this many times per epoch, each copy its own crop; an
-    # epoch still holds train-rows images, so 1/repeated_aug of the distinct ones (another share each epoch).
-    repeated_aug: int = Field(1, ge=1)
+    repeated_aug: int = Field(1, ge=1)  # DeiT's RASampler: each image k times an epoch (same epoch length)
+    # Epochs back to back in one Ray Data execution, no per-operator reservation (docs/data.md: faster, opt-in)
+    back_to_back: bool = False
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     shuffle_buffer: int = Field(0, ge=0)  # rows of a shuffle buffer on the stream's batches (0 = off; costs speed)

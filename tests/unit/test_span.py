@@ -46,7 +46,9 @@ def test_a_span_streams_each_epoch_s_first_whole_steps_back_to_back_and_stops_at
 
 
 def test_shared_span_only_for_the_shared_stream():
-    job = JobConfig.model_validate({"train": {"batch_size": 8, "epochs": 4}, "scaling": {"num_workers": 2}})
+    job = JobConfig.model_validate({"train": {"batch_size": 8, "epochs": 4}, "scaling": {"num_workers": 2},
+                                    "data": {"back_to_back": True}})
+    assert shared_span(job.model_copy(update={"data": job.data.model_copy(update={"back_to_back": False})}), 21) is None
     assert shared_span(job, 21) == Span(epochs=4, images=16, last=4)
     positional = job.model_copy(update={"run": job.run.model_copy(update={"checkpoint_every_steps": 2})})
     assert shared_span(positional, 21) is None

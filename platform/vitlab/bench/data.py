@@ -73,8 +73,8 @@ def _epochs(make_iter):
 
 def bench_ray_data(data_dir: str, image_size: int, batch_size: int, seconds: float) -> dict[str, float]:
     manifest = load_manifest(data_dir)
-    data = DataConfig(image_size=image_size)
-    # as training streams it: epochs back to back, span.epochs per Ray Data execution (data/pipeline.py)
+    data = DataConfig(image_size=image_size, back_to_back=True)
+    # as training streams it with data.back_to_back: span.epochs epochs per Ray Data execution (data/pipeline.py)
     span = Span.plan(manifest.rows("train"), batch_size, 1, 1, last=10**9)
 
     def one_span(n: int):
@@ -186,7 +186,8 @@ def bench_data(source: str, image_size: int = 224, batch_size: int = 128, max_si
             "ceiling": "decode_train (draft decode + RandomResizedCrop + flip) over the shards' bytes, one process "
                        "on one core, x ceiling_cores",
             "ray_data": "prepare --max-side/--quality -> train_dataset (fused read+decode+RandomResizedCrop+flip "
-                        "tasks, epochs back to back in spans of >= 100,000 images) -> iter_torch_batches, uint8",
+                        "tasks; data.back_to_back: epochs back to back, >= 100,000 images an execution) -> "
+                        "iter_torch_batches, uint8",
             "torch_dataloader": "ImageFolder(original JPEGs) + RandomResizedCrop + flip + ToTensor + Normalize",
             "torch_dataloader_same_bytes": "the same DataLoader on an ImageFolder written from the shards' bytes",
         },

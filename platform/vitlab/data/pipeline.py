@@ -10,13 +10,12 @@ Shape of the pipeline, chosen for throughput on few cores:
   each image's crop/flip comes from an RNG seeded by (seed, epoch, image key), so two runs with one seed
   see the same augmented images whichever task decodes them; ``data.deterministic`` also fixes the order.
 * Batches stay uint8 until the training device; ``normalize_on_device`` does mean/std there, in float.
-* The shared stream runs epochs back to back: one Ray Data execution covers ``Span.epochs`` epochs (at least
-  SPAN_IMAGES images; one epoch of ImageNet), each cut at the source to its first whole optimizer steps, and
-  every worker takes exactly its steps per epoch from it. Restarting an execution per epoch cost a third of
-  a 1,000-image epoch (start, first results, the last tasks' tail with cores idle).
+* With ``data.back_to_back`` (opt-in) the shared stream runs epochs back to back: one execution covers
+  ``Span.epochs`` epochs (at least SPAN_IMAGES images; one epoch of ImageNet), each cut at the source to its
+  first whole optimizer steps, and every worker takes exactly its steps per epoch from it; per-operator
+  reservation is off for it. Restarting an execution per epoch cost a third of a 1,000-image epoch here.
 * Ray's costs are per task and per block, not per image: a task takes enough shards for a block of
-  ``data.block_rows`` (512) rows, and yields blocks of that size across its shards. Per-operator reservation
-  is off (it held half the CPUs for the finished input operator: one decode task at a time on 2 CPUs).
+  ``data.block_rows`` (512) rows, and yields blocks of that size across its shards.
 
 The epoch comes from an int (tests, benchmarks) or from an ``EpochClock`` actor that the training loop
 advances, since Ray Train re-executes the same dataset every epoch.
@@ -81,7 +80,7 @@ class Span:
 
 def shared_span(cfg: JobConfig, rows: int) -> Span | None:
     """The span of a job's shared train stream (None for per-worker streams: repeated augmentation, positional)."""
-    if cfg.positional_stream or cfg.data.repeated_aug > 1:
+    if not cfg.data.back_to_back or cfg.positional_stream or cfg.data.repeated_aug > 1:
         return None
     return Span.plan(rows, cfg.train.batch_size, cfg.scaling.max_workers, cfg.optim.accum_steps, cfg.train.epochs)
 
@@ -181,8 +180,7 @@ def _epoch_rows(
     plan = _current_plan(epoch) if positional else None
     piece = plan.piece(rank) if plan is not None else None
     first = plan.epoch if plan is not None else _current_epoch(epoch)
-    ks = batch["k"] if "k" in batch else np.zeros(len(batch["shard"]), dtype=np.int64)
-    for idx, k in zip(batch["shard"], ks, strict=True):
+    for idx, k in zip(*_items(batch, len(files)), strict=True):
         epoch_n = first + int(k)
         if span is not None and epoch_n >= span.last:
             continue  # past the run's last epoch: the span ends there
@@ -237,7 +235,7 @@ def _decode_val_shards(
     batch: dict[str, np.ndarray], files: list[str], data: DataConfig
 ) -> Iterator[dict[str, np.ndarray]]:
     size = data.image_size
-    for idx in batch["shard"]:
+    for idx in _items(batch, len(files))[0]:
         table = _read_shard(files[int(idx)])
         images, labels = table.column("image").to_pylist(), table.column("label").to_numpy()
         for part in _blocks(len(images), data.block_rows):
@@ -245,19 +243,27 @@ def _decode_val_shards(
             yield {"image": out, "label": labels[part].astype(np.int64)}
 
 
-def _shard_indices(n: int, deterministic: bool, epochs: int = 1):
-    """One row per task: a shard's position in its epoch's order, ``shard``, and the epoch's offset from the
-    execution's first, ``k``."""
+def _shard_indices(n: int, deterministic: bool, epochs: int = 1, per_task: int = 1, reserve: bool = True):
+    """One row per shard and epoch: ``id`` = k * n + (the shard's position in its epoch's order), k the epoch's
+    offset from the execution's first (see ``_items``); a block per row, so a task takes ``per_task`` of them."""
     import ray
 
-    items = [{"shard": i, "k": k} for k in range(epochs) for i in range(n)]
-    ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
-    # The pipeline is one operator: Ray Data's per-operator reservation would hold half the CPUs for the
-    # finished input operator (measured: one decode task at a time on 2 CPUs).
-    ds.context.op_resource_reservation_enabled = False
+    ds = ray.data.from_items([{"id": i} for i in range(n * epochs)], override_num_blocks=max(1, n * epochs))
+    # data.back_to_back: the pipeline is one operator, and Ray Data's per-operator reservation keeps half the CPUs
+    # for the input operator (measured: one decode task at a time on 2 CPUs, 1.2 of 2 cores busy). Off, it also
+    # lets Ray Data ask an autoscaling cluster for more nodes for decode tasks (of any type: a GPU one was seen).
+    ds.context.op_resource_reservation_enabled = reserve
     if deterministic:
         ds.context.execution_options.preserve_order = True
     return ds
+
+
+def _items(batch: dict[str, np.ndarray], n: int) -> tuple[np.ndarray, np.ndarray]:
+    """(shard positions, epoch offsets) of a task's rows of ``_shard_indices``."""
+    if "shard" in batch:  # called directly (tests): shard positions of one epoch
+        return batch["shard"], batch.get("k", np.zeros(len(batch["shard"]), dtype=np.int64))
+    ids = np.asarray(batch["id"])
+    return ids % n, ids // n
 
 
 def shards_per_task(shard_rows: list[int], block_rows: int) -> int:
@@ -274,10 +280,12 @@ def train_dataset(manifest: Manifest, data: DataConfig, seed: int = 0, epoch: Ep
     worker's stream: of repeated augmentation, or, ``positional``, its piece of the epoch plan (in order); with
     ``span`` (the shared stream), span.epochs epochs per execution. Each decode task reserves data.decode_cpus."""
     files = manifest.files("train")
-    ds = _shard_indices(len(files), data.deterministic or positional, span.epochs if span is not None else 1)
+    per_task = shards_per_task(manifest.shard_rows("train"), data.block_rows)
+    ds = _shard_indices(len(files), data.deterministic or positional, span.epochs if span is not None else 1,
+                        per_task, reserve=not data.back_to_back)
     return ds.map_batches(
         _encoded_train_shards if data.decode == "gpu" else _decode_train_shards,  # gpu: see data/gpu_decode.py
-        batch_size=shards_per_task(manifest.shard_rows("train"), data.block_rows),
+        batch_size=per_task,
         num_cpus=data.decode_cpus,
         fn_kwargs={"files": files, "shard_rows": manifest.shard_rows("train"), "data": data, "seed": seed,
                    "epoch": epoch, "rank": rank, "world": world, "positional": positional, "span": span},
@@ -302,10 +310,11 @@ def train_datasets(manifest: Manifest, data: DataConfig, seed: int, epoch: Epoch
 def val_dataset(manifest: Manifest, data: DataConfig):
     """The val split: resize the shorter side to image_size / crop_pct, center-crop, fixed order."""
     files = manifest.files("val")
-    ds = _shard_indices(len(files), True)
+    per_task = shards_per_task(manifest.shard_rows("val"), data.block_rows)
+    ds = _shard_indices(len(files), True, 1, per_task)
     return ds.map_batches(
         _decode_val_shards,
-        batch_size=shards_per_task(manifest.shard_rows("val"), data.block_rows),
+        batch_size=per_task,
         num_cpus=data.decode_cpus,
         fn_kwargs={"files": files, "data": data},
     )
