@@ -75,8 +75,14 @@ def test_workers_killed_inside_epochs_resume_at_the_exact_image(ray_session, dig
     resumed = train(job(tmp_path, digits_dir, "spot", *spot, "scaling.num_workers=1"))
     assert resumed.resumed and resumed.epochs == 2
 
-    time.sleep(2)  # Ray forwards worker and controller log lines to the driver every second
-    logs = "".join(capfd.readouterr())
+    # Ray forwards worker and controller lines to the driver every second, and holds lines like an earlier one
+    # for its dedup window (5 s): wait for them rather than a fixed time
+    logs, deadline = "", time.time() + 15
+    while time.time() < deadline:
+        logs += "".join(capfd.readouterr())
+        if "[FailurePolicy] RETRY" in logs and "Error count: 1 (max allowed: 1)" in logs:
+            break
+        time.sleep(0.5)
     assert "[FailurePolicy] RETRY" in logs and "Error count: 1 (max allowed: 1)" in logs, logs[-3000:]
     restores = re.findall(rf"restored from latest checkpoint of this run: epoch (\d+) at step (\d+) of {STEPS} "
                           r"\(step (\d+), (\d) workers\)", logs)
