@@ -250,8 +250,9 @@ def _shard_indices(n: int, deterministic: bool, epochs: int = 1, per_task: int =
 
     ds = ray.data.from_items([{"id": i} for i in range(n * epochs)], override_num_blocks=max(1, n * epochs))
     # data.back_to_back: the pipeline is one operator, and Ray Data's per-operator reservation keeps half the CPUs
-    # for the input operator (measured: one decode task at a time on 2 CPUs, 1.2 of 2 cores busy). Off, it also
-    # lets Ray Data ask an autoscaling cluster for more nodes for decode tasks (of any type: a GPU one was seen).
+    # for the input operator (measured: one decode task at a time on 2 CPUs, 1.2 of 2 cores busy). The span runs
+    # on through validation, whose execution also sizes itself to the free CPUs: tasks left pending make an
+    # autoscaling cluster add a node (of any type: a GPU one was seen). Hence opt-in.
     ds.context.op_resource_reservation_enabled = reserve
     if deterministic:
         ds.context.execution_options.preserve_order = True

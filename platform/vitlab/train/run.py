@@ -59,6 +59,8 @@ class TrainOutcome:
     run_dir: str
     resumed: bool
     waiting_epochs: list[int]  # epochs not yet in MLflow (the server was unreachable at the end): in the outbox
+    last_metrics: dict[str, float]  # the run's last report (its last epoch): the numbers Ray Train holds for it
+    last_checkpoint: str | None  # that report's checkpoint
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -195,6 +197,9 @@ def finish(cfg: JobConfig, manifest: Manifest, uri: str, run_id: str, result, st
         run_dir=storage.run_dir(cfg),
         resumed=resumed,
         waiting_epochs=list(waiting or []),
+        last_metrics={k: v for k, v in latest.items() if isinstance(v, (int, float))},
+        last_checkpoint=(storage.checkpoint_location(cfg, result.checkpoint.path) if result.checkpoint is not None
+                         else None),
     )
 
 

@@ -114,6 +114,7 @@ def run_trial(config: dict[str, Any], base: JobConfig, sweep_dir: str, parent_ru
 
     worker = threading.Thread(target=fit, name=f"fit-{trial_id}", daemon=True)
     worker.start()
+    reported = (pointer or {}).get("epoch", 0)
     while True:
         try:
             metrics, path = epochs.get(timeout=1.0)
@@ -122,9 +123,16 @@ def run_trial(config: dict[str, Any], base: JobConfig, sweep_dir: str, parent_ru
                 break
             continue
         _report(metrics, path, generation)
+        reported = max(reported, int(metrics.get("epoch", 0)))
     worker.join()
     if "error" in outcome:
         raise outcome["error"]
+    last = outcome["result"]
+    if last.epochs > reported and not last.last_metrics.get("mid_epoch"):
+        # The Train run registered these epochs before a killed driver let Tune record them; resumed, the fit
+        # restored them with nothing left to train, so Tune hears of the last one here (else it ends the trial
+        # as stopped early, at the epoch it last heard of).
+        _report(last.last_metrics, last.last_checkpoint, generation)
 
 
 # ---------------------------------------------------------------------------------------------------------
