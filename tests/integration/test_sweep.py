@@ -69,6 +69,24 @@ params:
         assert client.get_metric_history(child.info.run_id, "val_top1")
 
 
+def _last_epoch_registered(s3, prefix: str, done: dict) -> int:
+    """The highest epoch registered by a Train run of the sweep other than the finished trials' (read from Ray
+    Train's checkpoint_manager_snapshot.json in S3)."""
+    import boto3
+
+    from tests.support.s3server import BUCKET, _boto_credentials
+
+    client = boto3.client("s3", endpoint_url=s3.url, **_boto_credentials())
+    epochs = [0]
+    for key in s3.keys(prefix):
+        run = key[len(prefix):].split("/")[0]
+        if key.endswith("/checkpoint_manager_snapshot.json") and run not in done:
+            snapshot = json.loads(client.get_object(Bucket=BUCKET, Key=key)["Body"].read())
+            epochs.append(int(((snapshot.get("latest_checkpoint_result") or {}).get("metrics") or {})
+                              .get("epoch", 0)))
+    return max(epochs)
+
+
 def _children(uri, parent_name):
     """The sweep's child runs (by trial run name) once its parent run exists."""
     client = mlflow.MlflowClient(uri)
@@ -82,9 +100,10 @@ def _children(uri, parent_name):
 
 
 def test_resume_after_killing_the_driver(ray_session, digits_dir, tmp_path, s3):
-    """SIGKILL the sweep driver once a trial has finished and the next one has a checkpoint; --resume then
-    finishes the sweep without training the finished trial again, and the unfinished one continues. The sweep
-    keeps its state and checkpoints in S3, as on a cluster."""
+    """SIGKILL the sweep driver once a trial has finished and the next one's Train run has registered its last
+    epoch, which Tune hears of only after (the trial function forwards it): --resume then finishes the sweep
+    without training the finished trial again, and the other one, restored with no epoch left, still ends as
+    completed with its last epoch's metrics. The sweep keeps its state and checkpoints in S3, as on a cluster."""
     space = write(tmp_path, """
 metric: val_top1
 mode: max
@@ -106,12 +125,11 @@ params:
         while time.time() < deadline and driver.poll() is None:
             children = _children(uri, "tiny-space")
             done = {n: r for n, r in children.items() if r.info.status == "FINISHED"}
-            running = [r for r in children.values() if r.info.status == "RUNNING"
-                       and "val_top1" in r.data.metrics]
-            if done and running:
+            running = [r for r in children.values() if r.info.status == "RUNNING"]
+            if done and running and _last_epoch_registered(s3, "sweep-kill/tiny-space/trials/", done) == 3:
                 finished_before = {n: r.info.end_time for n, r in done.items()}
                 break
-            time.sleep(1.0)
+            time.sleep(0.2)
     finally:
         driver.send_signal(signal.SIGKILL)
         driver.wait(timeout=60)
