@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.support import prepare_digits
+
 HERE = Path(__file__).parent
 NO_CUDA = ("no CUDA device (torch.cuda.is_available() is False): the gpu tier runs on a machine with an NVIDIA "
            "GPU, `make test-gpu`")
@@ -40,8 +42,4 @@ def ray_gpu():
 
 @pytest.fixture(scope="session")
 def digits_shards(ray_gpu, tmp_path_factory) -> str:
-    from vitlab.data.prepare import prepare
-
-    out = tmp_path_factory.mktemp("gpu-digits") / "shards"
-    prepare("digits", str(out))
-    return str(out)
+    return prepare_digits(tmp_path_factory, "gpu-digits")

@@ -6,6 +6,8 @@ import os
 
 import pytest
 
+from tests.support import prepare_digits
+
 
 @pytest.fixture(scope="session")
 def s3():
@@ -54,8 +56,4 @@ def ray_session(s3, tracking_server):
 
 @pytest.fixture(scope="session")
 def digits_dir(ray_session, tmp_path_factory) -> str:
-    from vitlab.data.prepare import prepare
-
-    out = tmp_path_factory.mktemp("digits") / "shards"
-    prepare("digits", str(out))
-    return str(out)
+    return prepare_digits(tmp_path_factory, "digits")

@@ -64,3 +64,12 @@ def logged_epochs(uri: str, experiment: str, run_name: str) -> list[int]:
     if run is None:
         return []
     return sorted(m.step for m in mlflow.MlflowClient(uri).get_metric_history(run.info.run_id, "val_top1"))
+
+
+def prepare_digits(tmp_path_factory, folder: str) -> str:
+    """scikit-learn's digits prepared into shards under a session temp folder (each tier's fixture, once)."""
+    from vitlab.data.prepare import prepare
+
+    out = tmp_path_factory.mktemp(folder) / "shards"
+    prepare("digits", str(out))
+    return str(out)

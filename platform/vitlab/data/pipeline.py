@@ -77,12 +77,12 @@ class Span:
         return cls(max(1, min(last, -(-SPAN_IMAGES // images))), images, last)
 
 
-
 def shared_span(cfg: JobConfig, rows: int) -> Span | None:
     """The span of a job's shared train stream (None for per-worker streams: repeated augmentation, positional)."""
     if not cfg.data.back_to_back or cfg.positional_stream or cfg.data.repeated_aug > 1:
         return None
     return Span.plan(rows, cfg.train.batch_size, cfg.scaling.max_workers, cfg.optim.accum_steps, cfg.train.epochs)
+
 
 class EpochClock:
     """A tiny Ray actor holding the current epoch, read by the decode tasks (Ray Train re-runs one
@@ -180,12 +180,15 @@ def _epoch_rows(
     plan = _current_plan(epoch) if positional else None
     piece = plan.piece(rank) if plan is not None else None
     first = plan.epoch if plan is not None else _current_epoch(epoch)
+    orders: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # epoch -> its shard order, each shard's first position
     for idx, k in zip(*_items(batch, len(files)), strict=True):
         epoch_n = first + int(k)
         if span is not None and epoch_n >= span.last:
             continue  # past the run's last epoch: the span ends there
-        order = np.random.default_rng([seed & 0xFFFFFFFF, epoch_n]).permutation(len(files))
-        starts = np.concatenate([[0], np.cumsum([shard_rows[s] for s in order])])  # of each shard, epoch order
+        if epoch_n not in orders:
+            order = np.random.default_rng([seed & 0xFFFFFFFF, epoch_n]).permutation(len(files))
+            orders[epoch_n] = order, np.concatenate([[0], np.cumsum([shard_rows[s] for s in order])])
+        order, starts = orders[epoch_n]
         shard, start = int(order[int(idx)]), int(starts[int(idx)])
         if piece is not None:
             offsets, repeats = piece_rows(piece, start, shard_rows[shard], data.repeated_aug)

@@ -154,9 +154,10 @@ class Model:
         else:
             import torch
 
-            # safe: blob is not read from a file: this job's driver pickled its own model (loaded weights-only)
-            # into the object store (actor_payload), as Ray pickles every object it ships between processes
-            model = torch.jit.load(io.BytesIO(blob)) if kind == "torchscript" else pickle.loads(blob)
+            if kind == "torchscript":
+                model = torch.jit.load(io.BytesIO(blob))
+            else:  # blob is not read from a file: this job's driver pickled its own model (actor_payload)
+                model = pickle.loads(blob)  # safe: our driver's own object-store bytes, as Ray ships any object
             bundle = replace(bundle, model=model.eval())
             self.run = runner(bundle, threads)
         self.bundle = bundle
