@@ -44,8 +44,8 @@ class DataConfig(Section):
     remode: Literal["pixel", "rand", "const"] = "pixel"
     recount: int = Field(1, ge=1)
     repeated_aug: int = Field(1, ge=1)  # DeiT's RASampler: each image k times an epoch (same epoch length)
-    # Epochs back to back in one Ray Data execution, no per-operator reservation (docs/data.md: faster, opt-in)
-    back_to_back: bool = False
+    # Epochs back to back in one Ray Data execution, decoded by a pool of actors (docs/data.md)
+    back_to_back: bool = True
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     shuffle_buffer: int = Field(0, ge=0)  # rows of a shuffle buffer on the stream's batches (0 = off; costs speed)

@@ -18,16 +18,16 @@ def test_bench_data_quick(ray_session, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(out.read_text())
     rates = ("ray_data_images_per_s", "torch_dataloader_images_per_s", "torch_dataloader_same_bytes_images_per_s",
-             "ceiling_images_per_s", "ray_data_default_images_per_s")
+             "ceiling_images_per_s", "ray_data_per_epoch_images_per_s")
     assert all(report[key] > 0 for key in rates), report
     ray_rate = report["ray_data_images_per_s"]
     for ratio, base in (("ratio", "torch_dataloader_images_per_s"), ("share_of_ceiling", "ceiling_images_per_s"),
                         ("ratio_same_bytes", "torch_dataloader_same_bytes_images_per_s")):
         expected = ray_rate / report[base]
         assert abs(report[ratio] - expected) < 0.01 * expected + 1e-3, (ratio, report)
-    for ratio, base in (("default_share_of_ceiling", "ceiling_images_per_s"),
-                        ("default_ratio_same_bytes", "torch_dataloader_same_bytes_images_per_s")):
-        expected = report["ray_data_default_images_per_s"] / report[base]
+    for ratio, base in (("per_epoch_share_of_ceiling", "ceiling_images_per_s"),
+                        ("per_epoch_ratio_same_bytes", "torch_dataloader_same_bytes_images_per_s")):
+        expected = report["ray_data_per_epoch_images_per_s"] / report[base]
         assert abs(report[ratio] - expected) < 0.01 * expected + 1e-3, (ratio, report)
     settings = report["settings"]
     assert settings["train_images"] == 16 and settings["max_side"] == 48

@@ -5,7 +5,7 @@ import torch
 
 from vitlab.config import DataConfig
 from vitlab.data.manifest import load_manifest
-from vitlab.data.pipeline import train_dataset, val_dataset
+from vitlab.data.pipeline import Span, train_dataset, val_dataset
 
 
 @pytest.fixture(scope="module")
@@ -60,3 +60,19 @@ def test_gpu_decode_stream_through_ray_data_gives_the_cpu_streams_batches(manife
     decoded, decoded_labels = torch.cat(decoded), torch.cat(decoded_labels)
     assert torch.equal(decoded_labels, labels) and decoded.shape == images.shape and decoded.dtype == torch.uint8
     assert (decoded.float() - images.float()).abs().mean() < 4  # the same crops; PIL's draft decode differs a little
+
+
+@pytest.mark.timeout(180)  # without the fix val waits for ever
+def test_val_beside_a_span_runs_while_the_span_s_decode_actor_holds_every_cpu(ray_session, manifest):
+    """Training validates while its train span (data.back_to_back) is alive: the span's decode actor keeps its
+    CPUs. Val tasks that asked for a CPU would wait until the span ends; beside a span they ask for none."""
+    data = DataConfig(image_size=16, decode_cpus=2.0)  # the session's 2 CPUs: one actor holds both
+    span = Span(epochs=200, images=manifest.rows("train"), last=200)  # minutes of decoding: alive throughout
+    stream = iter(train_dataset(manifest, data, span=span).iter_batches(batch_size=64))
+    assert len(next(stream)["label"]) == 64
+    assert ray_session.available_resources().get("CPU", 0) == 0
+    node = ray_session.get_runtime_context().get_node_id()
+    _, labels = collect(val_dataset(manifest, data, beside_span=(1, [node])))
+    assert len(labels) == manifest.rows("val")
+    assert ray_session.available_resources().get("CPU", 0) == 0  # the span's actor held both CPUs all along
+    del stream

@@ -4,6 +4,8 @@ over the workers. Nothing here runs anything: ``train.run`` fits what ``build_tr
 
 from __future__ import annotations
 
+from functools import partial
+
 import ray.train
 from ray.data import DataContext
 from ray.train.torch import TorchTrainer
@@ -22,8 +24,9 @@ def build_trainer(cfg: JobConfig, manifest: Manifest, inputs: LoopInputs, callba
     DataContext.get_current().enable_progress_bars = False
     resources = {"CPU": cfg.scaling.cpus_per_worker}
     # one train stream per possible rank: an elastic run's workers take the first W of them
+    span = shared_span(cfg, inputs.train_rows)
     train = train_datasets(manifest, cfg.data, cfg.train.seed, inputs.epoch_clock, cfg.scaling.max_workers,
-                           cfg.positional_stream, shared_span(cfg, inputs.train_rows))
+                           cfg.positional_stream, span)
     if cfg.scaling.use_gpu:
         resources["GPU"] = cfg.scaling.gpus_per_worker
     return TorchTrainer(
@@ -48,5 +51,6 @@ def build_trainer(cfg: JobConfig, manifest: Manifest, inputs: LoopInputs, callba
             worker_runtime_env={"env_vars": {"PYTHONUNBUFFERED": "1"}},
         ),
         datasets={**train, "val": val_dataset(manifest, cfg.data)},
-        dataset_config=dataset_config(cfg, list(train)),
+        # beside a span's decode actors, val is sized to the workers' nodes once they are known (train/ingest.py)
+        dataset_config=dataset_config(cfg, list(train), partial(val_dataset, manifest, cfg.data) if span else None),
     )
