@@ -29,8 +29,12 @@ WORKER_MARK = "[vitlab] "
 LOG_FILE = "vitlab.log"  # in the run directory of a training or sweep
 FILE_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 THIRD_PARTY = ("ray", "mlflow", "torch", "alembic", "urllib3", "botocore", "filelock", "py.warnings")
+_ray_print: Any = None  # Ray's own printer of its processes' output, kept when route_ray_output replaces it
 _TRACEBACK_START = "Traceback (most recent call last):"
 _MARKED = re.compile(re.escape(WORKER_MARK) + r"(?P<level>[A-Z]+) (?P<message>.*)")
+# The raylet's notice when more worker processes start at once than the node has CPUs: expected, with a span's decode
+# actors and val's CPU-less tasks (data/pipeline.py), and no action to take. Kept in the file only.
+_RAYLET_FILE_ONLY = re.compile(r".*PYTHON worker processes have been started on node.*startup concurrency.*")
 
 
 class TerminalFormatter(logging.Formatter):
@@ -205,14 +209,29 @@ def import_quietly(libraries: tuple[str, ...]) -> None:
 
 
 def route_ray_output() -> None:
-    """Replace Ray's printer of its processes' output (after ``ray.init``) with ``_route``."""
+    """Replace Ray's printers (after ``ray.init``) with ``_route``: of its processes' output, and of the raylet's
+    notices (a worker killed for memory, many workers started), which its error listener prints by calling
+    ``ray._private.worker.print_to_stdstream`` itself."""
+    global _ray_print
     if _routing is None or _routing.verbose and _routing.file is None:
         return
-    from ray._private.worker import global_worker_stdstream_dispatcher, print_to_stdstream
+    import ray._private.worker as ray_worker
 
-    global_worker_stdstream_dispatcher.remove_handler("ray_print_logs")
-    global_worker_stdstream_dispatcher.add_handler(
-        "ray_print_logs", lambda data: _route(data, lambda d: print_to_stdstream(d, ignore_prefix=False)))
+    if _ray_print is None:
+        _ray_print = ray_worker.print_to_stdstream
+
+    def print_as_ray(data: dict[str, Any]) -> None:
+        _ray_print(data, ignore_prefix=False)
+
+    def routed(data: dict[str, Any], ignore_prefix: bool = False) -> None:
+        if _routing is None:  # routing undone (tests put it back): Ray's own printer
+            print_as_ray(data)
+        else:
+            _route(data, print_as_ray)
+
+    ray_worker.global_worker_stdstream_dispatcher.remove_handler("ray_print_logs")
+    ray_worker.global_worker_stdstream_dispatcher.add_handler("ray_print_logs", routed)
+    ray_worker.print_to_stdstream = routed
     adopt_third_party_loggers()
 
 
@@ -237,7 +256,12 @@ def _route(data: dict[str, Any], print_as_ray) -> None:
         for line in lines:
             print(f"(autoscaler) {line}", file=sys.stderr, flush=True)
         return
-    if _routing.verbose or pid == "raylet":
+    if pid == "raylet" and not _routing.verbose:
+        lines = [line for line in lines if not _RAYLET_FILE_ONLY.fullmatch(line)]
+        if lines:
+            print_as_ray({**data, "lines": lines})
+        return
+    if _routing.verbose:
         print_as_ray(data)
         return
     key = (pid, data.get("is_err"))

@@ -63,6 +63,15 @@ def test_ray_output_routing(routed, capsys):
     ]}
     logs._route(worker, printed.append)
     logs._route({"pid": "raylet", "lines": ["A worker died or was killed (OOM)"]}, printed.append)
+    startup = ("WARNING: 8 PYTHON worker processes have been started on node: 32e9 with address: 127.0.0.1, which "
+               "is 4x the maximum expected startup concurrency (2). This could be a result of using many actors")
+    logs._route({"pid": "raylet", "lines": [startup]}, printed.append)  # expected with a span's actors: file only
+    # the raylet's notices reach the driver through Ray's error listener, which calls this printer by name
+    import ray._private.worker as ray_worker
+
+    logs.route_ray_output()
+    ray_worker.print_to_stdstream({"pid": "raylet", "lines": [startup.replace("8 PYTHON", "9 PYTHON")]},
+                                  ignore_prefix=False)
     captured = capsys.readouterr()
     err = captured.out + captured.err
     assert "epoch 1/2: train loss 2.2769" in err and "WARNING restored from latest checkpoint" in err
@@ -78,6 +87,7 @@ def test_ray_output_routing(routed, capsys):
     assert again.strip() == ("(TrainController pid=42) vitlab.train.loop.NonFiniteLossError: non-finite loss at "
                              "step 7  [traceback as above]"), again
     text = routed.read_text()
+    assert startup in text and startup.replace("8 PYTHON", "9 PYTHON") in text
     assert "(RayTrainWorker pid=41) Setting up process group" in text and "Reporting training result 1" in text
 
 
