@@ -5,9 +5,10 @@ vitlab's records (INFO and up) and anyone's errors. Ray's, MLflow's and Python's
 (deprecations, "token authentication is enabled") stay in the file. ``route_ray_output`` does the same for the
 output of Ray's processes (Train workers, the controller, Ray Data): vitlab's lines there carry
 ``WORKER_MARK`` (``mark_worker_logging``) and reach the terminal without Ray's prefix; Python tracebacks and
-the raylet's and autoscaler's notices (a worker killed for memory, nodes added) reach it in full; the rest goes
-to the file only. Information goes to stdout, warnings and errors to stderr (a bad input's one-line error is
-then all that stderr holds). With ``-v`` the terminal shows everything as well.
+the raylet's and autoscaler's notices (a worker killed for memory, nodes added) reach it in full, but for the
+raylet's expected "worker processes have been started" notice; the rest goes to the file only. Information
+goes to stdout, warnings and errors to stderr (a bad input's one-line error is then all that stderr holds).
+With ``-v`` the terminal shows everything as well.
 """
 
 from __future__ import annotations
