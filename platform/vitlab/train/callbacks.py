@@ -17,8 +17,8 @@ from vitlab.train.outbox import Outbox, deliver
 
 log = logging.getLogger("vitlab.train")
 
-NOT_LOGGED = ("epoch", "step")  # the step of every metric, not metrics of their own
 PREEMPTION_NOTICE = "preemption_notice"  # in the metrics of a just-in-time checkpoint's report
+NOT_LOGGED = ("epoch", "step", PREEMPTION_NOTICE)  # the step of every metric, and a flag to count
 PREEMPTIONS_TAG = "vitlab.preemptions"  # how many preemption notices the run answered
 
 

@@ -107,7 +107,8 @@ class PreemptionChecks:
     after which ``hold``
     waits for the node to go instead of training steps that would be trained again; None otherwise. Ray Train
     then restarts the run from the latest checkpoint, charged to ``run.max_preemption_failures``, not to
-    ``run.max_failures``. Counts its checks and their time."""
+    ``run.max_failures``. An answer at an epoch's last step, where no mid-epoch checkpoint is taken, waits in
+    ``epoch_end`` for the end-of-epoch checkpoint to give it. Counts its checks and their time."""
 
     every: int
     rank: int
@@ -117,6 +118,7 @@ class PreemptionChecks:
     last_taken: bool = False
     last_check_at: float = 0.0
     save_s: float = 0.0  # how long the last just-in-time checkpoint paused training
+    epoch_end: str | None = None  # "checkpoint" | "last", for the end-of-epoch checkpoint to give
     checks: int = 0
     check_s: float = 0.0
 
@@ -147,6 +149,10 @@ class PreemptionChecks:
             self.last_taken = True
             return "last"
         return None
+
+    def take_epoch_end(self) -> str | None:
+        answer, self.epoch_end = self.epoch_end, None
+        return answer
 
     def hold(self, step: int) -> None:
         """After the last checkpoint before the deadline: wait for the node to go (Ray Train ends this worker
@@ -284,7 +290,9 @@ def train_one_epoch(model, batches, optimizer, schedule, scaler, loss_fn, augmen
                 if preempted == "last":
                     preemption.hold(step)
                 start = time.perf_counter()  # the checkpoint's time is not the epoch's
-            elif preempted == "checkpoint" and preemption.rank == 0 and mid_epoch is None:
+            elif preempted and mid_epoch is not None:  # the epoch's last step: its end-of-epoch checkpoint answers
+                preemption.epoch_end = preempted
+            elif preempted == "checkpoint" and preemption.rank == 0:
                 log.warning("%sno just-in-time checkpoint: run.checkpoint_every_steps is 0, so the restart goes "
                             "back to the last end-of-epoch checkpoint", preemption.label)
         elif not math.isfinite(loss_value):

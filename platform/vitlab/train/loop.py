@@ -319,7 +319,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             done = epoch + 1
             metrics = {"epoch": done, "step": step, "workers": world, **train_metrics, **val_metrics}
             rng_states = _gather_rng()  # a collective: every rank calls it
-            save = done % cfg.run.checkpoint_every == 0 or done == cfg.train.epochs
+            # a preemption notice at the epoch's last step: this checkpoint is the just-in-time one
+            answer = preemption.take_epoch_end() if preemption is not None else None
+            save = answer is not None or done % cfg.run.checkpoint_every == 0 or done == cfg.train.epochs
             if rank == 0:
                 log.info(
                     "%sepoch %d/%d: train loss %.4f, val loss %.4f, val top-1 %.4f, top-5 %.4f, %.0f img/s, "
@@ -329,7 +331,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 )
             write = dict(parts, epoch=done, step=step, config_yaml=cfg.to_yaml(), metrics=metrics,
                          rng_states=rng_states, confusion=confusion) if save else None
-            _report_checkpoint(metrics, cfg, rank, write, steps=watch.logger)
+            reported = {**metrics, PREEMPTION_NOTICE: 1} if answer == "checkpoint" else metrics
+            paused = _report_checkpoint(reported, cfg, rank, write, "sync" if answer else None, watch.logger)
+            if answer and rank == 0:
+                log.warning("%sjust-in-time checkpoint at the end of epoch %d, step %d (training paused %.2f s, "
+                            "upload sync)", inputs.label, done, step, paused)
+            if answer == "last":
+                preemption.hold(step)
             if watch.progress is not None:
                 watch.progress.end_epoch()
     finally:
