@@ -110,6 +110,7 @@ def parallel_coordinates(trials: Sequence[tuple[Mapping[str, Any], float]], keys
         for j in range(data.shape[1]):
             ax.text(j, -0.06, f"{lo[j]:.3g}", ha="center", fontsize=7)
             ax.text(j, 1.03, f"{hi[j]:.3g}", ha="center", fontsize=7)
+    ax.set_ylim(-0.1, 1.1)  # the normalised axes and their labels, also when every trial has the same values
     ax.set_yticks([])
     ax.set_title("trials: parallel coordinates (colour = metric)")
     return _save(fig, out)

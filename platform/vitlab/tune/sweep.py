@@ -122,7 +122,9 @@ def run_trial(config: dict[str, Any], base: JobConfig, sweep_dir: str, parent_ru
             if not worker.is_alive() and epochs.empty():
                 break
             continue
-        _report(metrics, path, generation)
+        # the pointer names the checkpoint as a URI on remote storage (Ray's path has no scheme): what a PBT
+        # exploit or a resumed sweep hands to --resume-from
+        _report(metrics, storage.checkpoint_location(cfg, path) if path else None, generation)
         reported = max(reported, int(metrics.get("epoch", 0)))
     worker.join()
     if "error" in outcome:
