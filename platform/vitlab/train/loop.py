@@ -336,7 +336,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if answer and rank == 0:
                 log.warning("%sjust-in-time checkpoint at the end of epoch %d, step %d (training paused %.2f s, "
                             "upload sync)", inputs.label, done, step, paused)
-            if answer == "last":
+            if answer == "last" and done < cfg.train.epochs:  # after the last epoch, nothing is left to hold for
                 preemption.hold(step)
             if watch.progress is not None:
                 watch.progress.end_epoch()
