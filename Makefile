@@ -41,7 +41,7 @@ lint: install
 # Every test: the unit tier (pure), the integration tier (real Ray, MLflow, clusters) and the gpu tier (skipped,
 # each with its reason, where no CUDA device is found). CI runs this.
 test: lint
-	$(VENV)/bin/pytest -q tests/unit tests/integration tests/gpu
+	$(VENV)/bin/pytest -q --durations=15 tests/unit tests/integration tests/gpu
 
 # The unit tier alone: no Ray runtime, no processes; under a minute here.
 test-fast: lint
