@@ -161,14 +161,12 @@ params:
     assert len(train_runs) == 3 and not any("_g" in name for name in train_runs), train_runs  # no spurious _gN
 
 
-def test_pbt_exploit_continues_from_the_donor_checkpoint(ray_session, digits_dir, tmp_path, s3):
+def test_pbt_exploit_continues_from_the_donor_checkpoint(ray_session, digits_dir, tmp_path):
     """The worse trial restarts from the better trial's checkpoint: its new Train run begins where the
-    donor's checkpoint ended (epoch and optimizer step), not at epoch 1. The sweep keeps its checkpoints in S3,
-    as on a cluster: the exploit hands the donor's checkpoint over as an s3:// URI."""
+    donor's checkpoint ended (epoch and optimizer step), not at epoch 1."""
     import torch
 
-    from vitlab.train import storage
-    from vitlab.train.state import STATE_FILE, load_state
+    from vitlab.train.state import load_state
     from vitlab.tune.sweep import run_sweep
 
     space = write(tmp_path, """
@@ -187,19 +185,15 @@ scheduler:
 params:
   optim.lr: {grid: [1.0e-7, 3.0e-3]}
 """)
-    base = tiny_job(tmp_path, digits_dir, "pbt", "scaling.num_workers=1", "train.epochs=3",
-                    f"run.storage_path=s3://vitlab/pbt-{tmp_path.name}")
+    base = tiny_job(tmp_path, digits_dir, "pbt", "scaling.num_workers=1", "train.epochs=3")
     report = run_sweep(base, load_space(space), str(space))
-    trials_dir = storage.join(report["sweep_dir"], "trials")
-    runs = storage.list_names(trials_dir)
-    exploited = sorted(name for name in runs if "_g" in name)
-    assert exploited, f"no trial exploited a donor: {runs}"
+    trials_dir = Path(report["sweep_dir"]) / "trials"
+    exploited = sorted(trials_dir.glob("*_g*"))
+    assert exploited, f"no trial exploited a donor: {sorted(p.name for p in trials_dir.iterdir())}"
     steps_per_epoch = 1437 // 64  # digits train rows // batch, one worker
     for run in exploited:
-        first = storage.join(trials_dir, run, storage.checkpoint_names(storage.join(trials_dir, run))[0])
-        (tmp_path / run).mkdir()
-        (tmp_path / run / STATE_FILE).write_bytes(storage.read_bytes(storage.join(first, STATE_FILE)))
-        state = load_state(tmp_path / run)
+        first = min(run.glob("checkpoint_*"))
+        state = load_state(first)
         assert state["epoch"] >= 2, f"{run.name} started from scratch (epoch {state['epoch']})"
         assert state["step"] == state["epoch"] * steps_per_epoch
         assert isinstance(state["model"], dict) and all(isinstance(v, torch.Tensor) for v in state["model"].values())

@@ -33,3 +33,14 @@ def test_run_dirs_follow_the_storage_env(tmp_path, monkeypatch):
     assert storage.run_dir(cfg.with_overrides({"run.storage_path": "/abs"})) == "/abs/x"
     (tmp_path / "runs" / "x" / "checkpoint_000001").mkdir(parents=True)
     assert storage.has_checkpoints(str(tmp_path / "runs" / "x")) and not storage.has_checkpoints(str(tmp_path))
+
+
+def test_a_ray_checkpoint_path_on_s3_becomes_a_uri(tmp_path):
+    """Ray's Checkpoint.path drops the scheme on remote storage: what a sweep's pointer (and --resume-from) needs
+    is the s3:// URI; a local run keeps its path."""
+    remote = load_job(None, ["run.name=t_g1", "run.storage_path=s3://vitlab/runs/sw/trials"])
+    assert storage.checkpoint_location(remote, "vitlab/runs/sw/trials/t_g1/checkpoint_2026-11-28_13-00-00.1") == \
+        "s3://vitlab/runs/sw/trials/t_g1/checkpoint_2026-11-28_13-00-00.1"
+    local = load_job(None, ["run.name=t", f"run.storage_path={tmp_path}"])
+    path = str(tmp_path / "t" / "checkpoint_1")
+    assert storage.checkpoint_location(local, path) == path
