@@ -236,10 +236,14 @@ def scenario_elastic(cluster, tmp: Path, data: str) -> None:
             time.sleep(0.2)
         # from the loss to a new worker group alive (it then restores and trains)
         restarted = [t for a, t in watch.first_seen.items() if a not in before]
+        one_worker = set(watch.first_seen)
         new = cluster.add_node(temp_dir=os.environ["VITLAB_TEST_RAY_TEMP_DIR"], object_store_memory=150 * 1024**2,
                                num_cpus=NODE_CPUS)
+        added_at = time.time()
         print(f"elastic: added node {new.node_id}", flush=True)
+        refresh_autoscaling_coordinator()
         thread.join(timeout=420)
+    grown = [t for a, t in watch.first_seen.items() if a not in one_worker]  # to the two-worker group alive
     o = out.get("value")
     history = {}
     if o:
@@ -250,9 +254,24 @@ def scenario_elastic(cluster, tmp: Path, data: str) -> None:
            logged_before=logged, epochs=epochs_in_mlflow(o.tracking_uri, o.mlflow_run_id) if o else None,
            expected_epochs=epochs, workers=history,
            resumed_after_s=round(min(restarted) - removed_at, 1) if restarted else None,
+           grown_after_s=round(min(grown) - added_at, 1) if grown else None,
            final_step=snapshot["latest_checkpoint_result"]["metrics"]["step"],
            images=sorted({m.value for m in mlflow.MlflowClient(o.tracking_uri).get_metric_history(
                o.mlflow_run_id, "train_images")}) if o else None)
+
+
+def refresh_autoscaling_coordinator() -> None:
+    """Ray Train's elastic count asks Ray's AutoscalingCoordinator, which re-reads the cluster's nodes only every
+    20 s (its TICK_INTERVAL_S): a node that joins is used up to 20 s + scaling.resize_check_seconds later. This
+    test's one-worker epochs last about a second, so it asks for that re-read now instead of spending the 30-epoch
+    runway waiting for it (get_reserved_resources with recompute=True runs the coordinator's tick)."""
+    import ray
+    from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (
+        get_or_create_autoscaling_coordinator,
+    )
+
+    coordinator = get_or_create_autoscaling_coordinator()
+    ray.get(coordinator.get_reserved_resources.remote("vitlab-test", recompute=True), timeout=30)
 
 
 def _error(out: dict) -> str | None:
