@@ -74,10 +74,10 @@ def _hyperband(opts: dict[str, Any], max_t: int):
 
 
 def _pbt(opts: dict[str, Any], max_t: int):
-    from ray.tune.schedulers import PopulationBasedTraining
+    from vitlab.tune.pbt import SyncSafePBT
 
     mutations = {k: tune_domain(d) for k, d in opts["hyperparam_mutations"].items()}
-    return PopulationBasedTraining(time_attr="epoch", **{**opts, "hyperparam_mutations": mutations})
+    return SyncSafePBT(time_attr="epoch", **{**opts, "hyperparam_mutations": mutations})
 
 
 SCHEDULERS: dict[str, Scheduler] = {

@@ -270,7 +270,10 @@ def _rows(grid, spec: SweepSpec, epochs: int) -> list[TrialRow]:
     for result in grid:
         df = result.metrics_dataframe
         metrics = result.metrics or {}
-        trial_id = metrics.get("trial_id") or storage.basename(result.path)
+        # the trial's own reports name it; its last metrics may be a PBT donor's (an exploit at the last
+        # perturbation copies the donor's result, and the trial ends without a report of its own)
+        ids = list(df["trial_id"].dropna()) if df is not None and "trial_id" in df else []
+        trial_id = str(ids[-1]) if ids else metrics.get("trial_id") or storage.basename(result.path)
         done = int(metrics.get("epoch", 0))
         if result.error is not None:
             status = "errored"
