@@ -210,7 +210,7 @@ def scenario_elastic(cluster, tmp: Path, data: str) -> None:
     from vitlab.train import storage
     from vitlab.train.run import train
 
-    epochs = 30  # runway: the grow-back must come while it still trains, whatever the registration lag
+    epochs = 20  # runway: the grow-back (about 5 s after the join, epoch 5-8) must come while it still trains
     # A worker takes 1.5 CPUs + 0.5 for a decode task: one per 2-CPU node, which is what Ray Train's elastic
     # count sees (it counts workers per node's free resources; a placement strategy is not part of it).
     cfg = job(tmp, data, "elastic", f"train.epochs={epochs}", "scaling.num_workers=[1, 2]",
@@ -263,7 +263,7 @@ def scenario_elastic(cluster, tmp: Path, data: str) -> None:
 def refresh_autoscaling_coordinator() -> None:
     """Ray Train's elastic count asks Ray's AutoscalingCoordinator, which re-reads the cluster's nodes only every
     20 s (its TICK_INTERVAL_S): a node that joins is used up to 20 s + scaling.resize_check_seconds later. This
-    test's one-worker epochs last about a second, so it asks for that re-read now instead of spending the 30-epoch
+    test's one-worker epochs last about a second, so it asks for that re-read now instead of spending the 20-epoch
     runway waiting for it (get_reserved_resources with recompute=True runs the coordinator's tick)."""
     import ray
     from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (
