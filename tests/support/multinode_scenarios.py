@@ -212,7 +212,8 @@ def scenario_elastic(cluster, tmp: Path, data: str) -> None:
 
     epochs = 20  # runway: the grow-back (about 5 s after the join, epoch 5-8) must come while it still trains
     # A worker takes 1.5 CPUs + 0.5 for a decode task: one per 2-CPU node, which is what Ray Train's elastic
-    # count sees (it counts workers per node's free resources; a placement strategy is not part of it).
+    # count sees (it fits workers into each node's total resources, as the AutoscalingCoordinator reserves
+    # them; a placement strategy is not part of it).
     cfg = job(tmp, data, "elastic", f"train.epochs={epochs}", "scaling.num_workers=[1, 2]",
               "scaling.cpus_per_worker=1.5", "scaling.resize_check_seconds=2", "run.max_failures=3",
               f"run.storage_path=s3://vitlab/multinode/{tmp.name}")
