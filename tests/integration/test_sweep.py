@@ -199,6 +199,7 @@ params:
         assert isinstance(state["model"], dict) and all(isinstance(v, torch.Tensor) for v in state["model"].values())
     assert {t["epochs_run"] for t in report["trials"]} <= {3}
     assert len({t["id"] for t in report["trials"]}) == 2, report["trials"]  # each row names its own trial
+    assert not (trials_dir / "pbt_donors").exists()  # the donors' copies go at the sweep's end
 
 
 def test_ctrl_c_marks_the_parent_run_killed(ray_session, digits_dir, tmp_path):

@@ -96,3 +96,15 @@ def test_cli_misspelt_key_exit_2(tmp_path):
     assert_one_line_error(run_cli("sweep", JOB, space_file), "did you mean optim.lr")
     assert_one_line_error(run_cli("sweep", JOB, ROOT / "search_spaces" / "digits_asha.yaml",
                                   "--num-samples", "0"), "--num-samples 0: expected at least 1")
+
+
+def test_an_exploit_runs_one_generation_past_the_trials_latest(tmp_path):
+    """Not the donor's generation + 1: a trial exploiting a generation-0 donor a second time would land in its
+    own earlier _g1 run and continue that run's weights."""
+    from vitlab.tune.sweep import next_generation
+
+    assert next_generation(str(tmp_path), "ab12_00001") == 1  # no trials/ directory yet
+    for name in ["ab12_00001", "ab12_00001_g1", "ab12_00001_g3", "ab12_000010_g7", "ab12_00002_g5", "pbt_donors"]:
+        (tmp_path / "trials" / name).mkdir(parents=True)
+    assert next_generation(str(tmp_path), "ab12_00001") == 4
+    assert next_generation(str(tmp_path), "ab12_00003") == 1

@@ -44,3 +44,17 @@ def test_a_ray_checkpoint_path_on_s3_becomes_a_uri(tmp_path):
     local = load_job(None, ["run.name=t", f"run.storage_path={tmp_path}"])
     path = str(tmp_path / "t" / "checkpoint_1")
     assert storage.checkpoint_location(local, path) == path
+
+
+def test_copy_dir_and_remove_dir_on_paths_and_uris(tmp_path):
+    source = tmp_path / "checkpoint_1"
+    source.mkdir()
+    (source / "state.pt").write_bytes(b"weights")
+    (source / "metrics.json").write_text("{}")
+    for copy in (str(tmp_path / "copies" / "a" / "checkpoint"), (tmp_path / "copies" / "b" / "checkpoint").as_uri()):
+        storage.copy_dir(str(source), copy)  # its parents are made on the way
+        assert sorted(storage.list_names(copy)) == ["metrics.json", "state.pt"]
+        assert storage.read_bytes(storage.join(copy, "state.pt")) == b"weights"
+    storage.remove_dir(str(tmp_path / "copies" / "a"))
+    storage.remove_dir(str(tmp_path / "copies" / "a"))  # nothing there: nothing to do
+    assert storage.list_names(str(tmp_path / "copies")) == ["b"] and (source / "state.pt").is_file()

@@ -112,6 +112,23 @@ def save_torch(obj, location: str) -> str:
     return location if is_uri(location) else path
 
 
+def copy_dir(source: str, destination: str) -> None:
+    """Copy a directory (local or object storage, either side) file by file; a file that goes while it is being
+    copied raises (FileNotFoundError, an OSError)."""
+    source_fs, source_path = filesystem(source)
+    destination_fs, destination_path = filesystem(destination)
+    destination_fs.create_dir(destination_path, recursive=True)
+    pafs.copy_files(source_path, destination_path, source_filesystem=source_fs,
+                    destination_filesystem=destination_fs)
+
+
+def remove_dir(location: str) -> None:
+    """Delete a directory vitlab wrote, and all under it (nothing when it is not there)."""
+    fs, path = filesystem(location)
+    if fs.get_file_info(path).type != pafs.FileType.NotFound:
+        fs.delete_dir(path)
+
+
 def list_names(location: str) -> list[str]:
     """Base names directly under a directory or prefix ([] when it does not exist)."""
     fs, path = filesystem(location)

@@ -74,10 +74,10 @@ def _hyperband(opts: dict[str, Any], max_t: int):
 
 
 def _pbt(opts: dict[str, Any], max_t: int):
-    from vitlab.tune.pbt import SyncSafePBT
+    from vitlab.tune.pbt import VitlabPBT
 
     mutations = {k: tune_domain(d) for k, d in opts["hyperparam_mutations"].items()}
-    return SyncSafePBT(time_attr="epoch", **{**opts, "hyperparam_mutations": mutations})
+    return VitlabPBT(time_attr="epoch", **{**opts, "hyperparam_mutations": mutations})
 
 
 SCHEDULERS: dict[str, Scheduler] = {

@@ -18,6 +18,7 @@ import logging
 import math
 import os
 import queue
+import re
 import tempfile
 import threading
 import time
@@ -38,13 +39,13 @@ from vitlab.train import storage
 from vitlab.train.callbacks import ForwardToQueue
 from vitlab.train.preflight import Checked, check_job, preflight
 from vitlab.train.run import train
-from vitlab.tune import space
+from vitlab.tune import pbt, space
+from vitlab.tune import pointer as checkpoint_pointer
 from vitlab.tune.callbacks import ParentRunCallback, SweepStatusCallback, ended_as, trial_key
 from vitlab.tune.space import SweepSpec
 
 log = logging.getLogger(__name__)
 
-POINTER_FILE = "train_checkpoint.json"
 STATUS_EVERY_S = 30.0  # the driver's status table
 BEST_FILE = "best.yaml"
 
@@ -59,25 +60,13 @@ class SweepInterrupted(UserError):
 # Trial side
 
 
-def _read_pointer(ckpt) -> dict[str, Any] | None:
-    if ckpt is None:
-        return None
-    with ckpt.as_directory() as d:
-        f = Path(d) / POINTER_FILE
-        return json.loads(f.read_text()) if f.is_file() else None
-
-
-def _report(metrics: dict[str, Any], train_ckpt: str | None, generation: int) -> None:
-    """Report an epoch to Tune, with a checkpoint that only names the Train checkpoint (no model bytes copied
-    again) and its epoch. Tune persists the checkpoint before report returns."""
-    metrics = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
-    if train_ckpt is None:
-        tune.report(metrics)
-        return
-    with tempfile.TemporaryDirectory(prefix="vitlab-pointer-") as d:
-        pointer = {"path": train_ckpt, "generation": generation, "epoch": int(metrics.get("epoch", 0))}
-        (Path(d) / POINTER_FILE).write_text(json.dumps(pointer))
-        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
+def next_generation(sweep_dir: str, trial_id: str) -> int:
+    """A PBT exploit's Train run: one past the trial's latest generation in storage. The donor's generation
+    cannot name it: a trial that exploits a lower-generation donor a second time would land in its own earlier
+    run's directory and continue that run's weights instead of the donor's."""
+    taken = re.compile(rf"{re.escape(trial_id)}_g(\d+)")
+    found = [int(m.group(1)) for name in storage.list_names(f"{sweep_dir}/trials") if (m := taken.fullmatch(name))]
+    return max(found, default=0) + 1
 
 
 def run_trial(config: dict[str, Any], base: JobConfig, sweep_dir: str, parent_run_id: str,
@@ -85,14 +74,16 @@ def run_trial(config: dict[str, Any], base: JobConfig, sweep_dir: str, parent_ru
     """Tune's trainable: build the trial's JobConfig, fit it, forward each epoch's metrics to Tune."""
     logs.mark_worker_logging()
     trial_id = tune.get_context().get_trial_id()
-    pointer = _read_pointer(tune.get_checkpoint())
+    pointer = checkpoint_pointer.read(tune.get_checkpoint())
     own_prefix = trial_key(sweep_dir, trial_id)
     generation = (pointer or {}).get("generation", 0)
     resume_from = None
     if pointer:
         resume_from = pointer["path"]
         if not resume_from.startswith(own_prefix + "/") and not resume_from.startswith(own_prefix + "_g"):
-            generation += 1  # a PBT exploit: continue from the donor's checkpoint under a fresh Train run
+            # a PBT exploit: continue from the donor's checkpoint (its copy, made by the scheduler) under a fresh
+            # Train run
+            generation = next_generation(sweep_dir, trial_id)
     name = trial_id if generation == 0 else f"{trial_id}_g{generation}"
     cfg = base.with_overrides({**config, "run.name": name, "run.storage_path": f"{sweep_dir}/trials"},
                               source="trial")
@@ -124,7 +115,7 @@ def run_trial(config: dict[str, Any], base: JobConfig, sweep_dir: str, parent_ru
             continue
         # the pointer names the checkpoint as a URI on remote storage (Ray's path has no scheme): what a PBT
         # exploit or a resumed sweep hands to --resume-from
-        _report(metrics, storage.checkpoint_location(cfg, path) if path else None, generation)
+        checkpoint_pointer.report(metrics, storage.checkpoint_location(cfg, path) if path else None, generation)
         reported = max(reported, int(metrics.get("epoch", 0)))
     worker.join()
     if "error" in outcome:
@@ -134,7 +125,7 @@ def run_trial(config: dict[str, Any], base: JobConfig, sweep_dir: str, parent_ru
         # The Train run registered these epochs before a killed driver let Tune record them; resumed, the fit
         # restored them with nothing left to train, so Tune hears of the last one here (else it ends the trial
         # as stopped early, at the epoch it last heard of).
-        _report(last.last_metrics, last.last_checkpoint, generation)
+        checkpoint_pointer.report(last.last_metrics, last.last_checkpoint, generation)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -304,6 +295,8 @@ def _trial_curves(grid, metric: str) -> dict[str, list[tuple[int, float]]]:
 def _finish(base: JobConfig, spec: SweepSpec, grid, uri: str, parent_id: str, sweep_dir: str,
             seconds: float) -> dict[str, Any]:
     rows = _rows(grid, spec, base.train.epochs)
+    if not grid.num_errors:
+        pbt.remove_donor_copies(sweep_dir)
     best_row = next((r for r in rows if r.val_top1 is not None), None)
     best_path = storage.join(sweep_dir, BEST_FILE)
     with tempfile.TemporaryDirectory(prefix="vitlab-artifacts-") as tmp:
