@@ -40,10 +40,9 @@ def listed_files(out: str) -> list[str]:
 
 
 def discard(prefix: str) -> None:
-    """Remove a version prefix this prepare wrote (after a failure)."""
-    fs, path = storage.filesystem(prefix)
+    """Remove a directory or prefix vitlab wrote (after a failure), warning rather than raising when it cannot."""
     try:
-        fs.delete_dir(path)
+        storage.remove_dir(prefix)
     except OSError as e:
         log.warning("could not remove %s (%s)", prefix, storage.first_line(e))
 

@@ -25,6 +25,7 @@ from ray.train._internal.session import _FutureTrainingResult
 from ray.tune.experiment import Trial
 from ray.tune.schedulers import PopulationBasedTraining
 
+from vitlab.data import publish
 from vitlab.train import state as train_state
 from vitlab.train import storage
 from vitlab.tune import pointer as checkpoint_pointer
@@ -77,7 +78,7 @@ class VitlabPBT(PopulationBasedTraining):
         except OSError as e:
             log.warning("PBT: trial %s is not a donor until its next perturbation: its checkpoint %s could not be "
                         "copied (%s)", trial.trial_id, source, storage.first_line(e))
-            storage.remove_dir(copy)
+            publish.discard(copy)  # a failed copy's remains; a failure to remove them is a warning too
             return None
         self._remove_unused_copies(trial, donors, copy, tune_controller)
         return copied
