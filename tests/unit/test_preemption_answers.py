@@ -1,10 +1,13 @@
 """Where a preemption notice's answer goes (train/epoch.py): inside an epoch, a just-in-time mid-epoch checkpoint;
-at the epoch's last step, where no mid-epoch checkpoint is taken, the end-of-epoch checkpoint (``epoch_end``).
+at the epoch's last step, where no mid-epoch checkpoint is taken, the end-of-epoch checkpoint (``epoch_end``), which
+also answers "last" for a deadline that falls before the next epoch's first check.
 
 train_one_epoch runs here for real on a tiny model, without Ray: ``check`` answers as it would from Ray Train's
 preemption info (the multinode suite drains a real node)."""
 
 from __future__ import annotations
+
+import time
 
 import pytest
 import torch
@@ -15,6 +18,7 @@ from vitlab.train.epoch import EpochTally, MidEpochCheckpoints, PreemptionChecks
 from vitlab.train.optim import build_schedule
 
 STEPS = 4
+CPU = torch.device("cpu")
 
 
 class AnswersAt(PreemptionChecks):
@@ -53,12 +57,37 @@ def _epoch(at: dict[int, str]) -> tuple[list[tuple[int, str | None]], AnswersAt]
 def test_a_notice_inside_the_epoch_is_answered_by_a_mid_epoch_checkpoint():
     saved, preemption = _epoch({2: "checkpoint", 3: "last"})
     assert saved == [(2, "checkpoint"), (3, "last")] and preemption.held == [3]
-    assert preemption.take_epoch_end() is None
+    assert preemption.take_epoch_end(CPU) is None
 
 
 @pytest.mark.parametrize("answer", ["checkpoint", "last"])
 def test_a_notice_at_the_epoch_s_last_step_is_left_to_the_end_of_epoch_checkpoint(answer):
     saved, preemption = _epoch({STEPS: answer})
     assert saved == [] and preemption.held == []  # the loop holds after the end-of-epoch checkpoint
-    assert preemption.take_epoch_end() == answer
-    assert preemption.take_epoch_end() is None  # given once
+    assert preemption.take_epoch_end(CPU) == answer
+    assert preemption.take_epoch_end(CPU) is None  # given once
+
+
+def _pending_notice(deadline_in_s: float, since_last_check_s: float) -> PreemptionChecks:
+    """A notice answered with its first checkpoint (0.2 s), its deadline ``deadline_in_s`` away, the epoch's last
+    check ``since_last_check_s`` ago (the epoch's tail and validation)."""
+    preemption = PreemptionChecks(every=2, rank=1)
+    preemption.answered.add(("node",))
+    preemption.deadline_s, preemption.save_s = time.time() + deadline_in_s, 0.2
+    preemption.last_check_at = time.perf_counter() - since_last_check_s
+    return preemption
+
+
+def test_a_deadline_before_the_next_epoch_s_first_check_makes_the_end_of_epoch_checkpoint_the_last():
+    # 2 x 0.5 s to the next check + 2 x 0.2 s of checkpoints + the controller's margin: more than the 3 s left
+    preemption = _pending_notice(deadline_in_s=3.0, since_last_check_s=0.5)
+    assert preemption.take_epoch_end(CPU) == "last" and preemption.last_taken
+    assert preemption.take_epoch_end(CPU) is None  # "last" is given once per notice
+
+
+def test_a_far_deadline_or_no_notice_leaves_the_end_of_epoch_checkpoint_alone():
+    assert _pending_notice(deadline_in_s=60.0, since_last_check_s=0.5).take_epoch_end(CPU) is None
+    assert PreemptionChecks(every=2, rank=1).take_epoch_end(CPU) is None  # no notice
+    no_deadline = _pending_notice(deadline_in_s=0.0, since_last_check_s=0.5)
+    no_deadline.deadline_s = None  # a drain without a deadline: nothing to be near
+    assert no_deadline.take_epoch_end(CPU) is None

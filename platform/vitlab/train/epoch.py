@@ -108,7 +108,8 @@ class PreemptionChecks:
     waits for the node to go instead of training steps that would be trained again; None otherwise. Ray Train
     then restarts the run from the latest checkpoint, charged to ``run.max_preemption_failures``, not to
     ``run.max_failures``. An answer at an epoch's last step, where no mid-epoch checkpoint is taken, waits in
-    ``epoch_end`` for the end-of-epoch checkpoint to give it. Counts its checks and their time."""
+    ``epoch_end`` for the end-of-epoch checkpoint to give it; that checkpoint is also the "last" when the deadline
+    falls before the next epoch's first check (``take_epoch_end``). Counts its checks and their time."""
 
     every: int
     rank: int
@@ -141,17 +142,27 @@ class PreemptionChecks:
                 log.warning("%spreemption notice at step %d: node(s) %s (ranks %s) go %s", self.label, step,
                             ", ".join(n[:12] for n in info.preempted_node_ids), info.preempted_ranks, left)
             return "checkpoint"
+        return self._last_if_near(interval_s, device)
+
+    def _last_if_near(self, interval_s: float, device) -> str | None:
+        """"last" when the deadline is nearer than two intervals to the next check, two checkpoints (uploaded
+        before report returns) and the controller's poll. The same on every worker: one all-reduce, whatever
+        their clocks; every worker calls it or none (the notice and its answers are the same on all)."""
         if self.deadline_s is None or self.last_taken:
             return None
-        # two intervals of steps, two checkpoints (uploaded before report returns) and the controller's poll
         near = self.deadline_s - time.time() < 2 * interval_s + 2 * self.save_s + REGISTER_MARGIN_S
-        if _all_reduce_sum([float(near)], device)[0] > 0:  # one answer for all workers, whatever their clocks
+        if _all_reduce_sum([float(near)], device)[0] > 0:
             self.last_taken = True
             return "last"
         return None
 
-    def take_epoch_end(self) -> str | None:
+    def take_epoch_end(self, device) -> str | None:
+        """The answer the end-of-epoch checkpoint gives: one from the epoch's last step, or else "last" if the
+        deadline falls before the next epoch's first check. The epoch's tail and validation ran since the last
+        check, and the next epoch's start is no shorter; no check runs in between."""
         answer, self.epoch_end = self.epoch_end, None
+        if answer is None and self.last_check_at:
+            answer = self._last_if_near(time.perf_counter() - self.last_check_at, device)
         return answer
 
     def hold(self, step: int) -> None:

@@ -319,8 +319,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             done = epoch + 1
             metrics = {"epoch": done, "step": step, "workers": world, **train_metrics, **val_metrics}
             rng_states = _gather_rng()  # a collective: every rank calls it
-            # a preemption notice at the epoch's last step: this checkpoint is the just-in-time one
-            answer = preemption.take_epoch_end() if preemption is not None else None
+            # a preemption notice at the epoch's last step, or a deadline before the next epoch's first check:
+            # this checkpoint is the just-in-time one
+            answer = preemption.take_epoch_end(device) if preemption is not None else None
             save = answer is not None or done % cfg.run.checkpoint_every == 0 or done == cfg.train.epochs
             if rank == 0:
                 log.info(
