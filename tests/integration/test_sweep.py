@@ -176,7 +176,7 @@ num_samples: 1   # x the grid's 2 values
 max_concurrent_trials: 2
 scheduler:
   name: pbt
-  perturbation_interval: 1
+  perturbation_interval: 2   # one exploit, at epoch 2: a Train run per trial fewer than an interval of 1
   quantile_fraction: 0.5
   resample_probability: 0.0
   synch: true

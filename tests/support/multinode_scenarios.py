@@ -210,7 +210,7 @@ def scenario_elastic(cluster, tmp: Path, data: str) -> None:
     from vitlab.train import storage
     from vitlab.train.run import train
 
-    epochs = 20  # runway: the grow-back (about 5 s after the join, epoch 5-8) must come while it still trains
+    epochs = 14  # runway: the grow-back (4-6 s after the join, at epoch 5-8) must come while it still trains
     # A worker takes 1.5 CPUs + 0.5 for a decode task: one per 2-CPU node, which is what Ray Train's elastic
     # count sees (it fits workers into each node's total resources, as the AutoscalingCoordinator reserves
     # them; a placement strategy is not part of it).
