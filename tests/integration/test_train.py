@@ -1,5 +1,6 @@
 """Distributed training on Ray Train (2 CPU workers, DDP over gloo) with a real MLflow sqlite store."""
 
+import sqlite3
 from pathlib import Path
 
 import mlflow
@@ -9,6 +10,7 @@ import torch
 
 from tests.support import tiny_job as job
 from tests.support.data import make_class_tree
+from vitlab.train import state
 from vitlab.train.run import TrainingError, train
 
 
@@ -65,9 +67,20 @@ def test_mlflow_run_holds_params_metrics_tags_artifacts(trained):
 
 
 def test_resume_continues_epoch_numbering(ray_session, digits_dir, store, trained):
+    """Resumed to 7 epochs after epoch 5's MLflow rows are taken out of the store, as when the controller goes
+    between registering epoch 5's checkpoint and logging it: the restore sends them from the checkpoint."""
+    latest = sorted((store / "runs" / "learns").glob("checkpoint_2*"))[-1]
+    [(epoch, row)] = state.load_epoch_rows(latest)  # the epochs it covers (it is kept 2 epochs more)
+    assert epoch == 5 and row["val_top1"] == state.load_metrics(latest)["val_top1"]
+    with sqlite3.connect(trained.tracking_uri.removeprefix("sqlite:///")) as db:
+        assert db.execute("DELETE FROM metrics WHERE run_uuid = ? AND step = 5", (trained.mlflow_run_id,)).rowcount
+    assert history(trained, "val_top1") == [1, 2, 3, 4]
     again = train(job(store, digits_dir, "learns", "train.epochs=7"))
     assert again.resumed and again.mlflow_run_id == trained.mlflow_run_id and again.epochs == 7
     assert history(again, "val_top1") == [1, 2, 3, 4, 5, 6, 7]  # epochs 1-5 not trained (or logged) again
+    fifth = [m.value for m in mlflow.MlflowClient(again.tracking_uri).get_metric_history(again.mlflow_run_id,
+                                                                                         "val_top1") if m.step == 5]
+    assert fifth == [row["val_top1"]]
     assert history(again, "epoch_time_s") == [1, 2, 3, 4, 5, 6, 7]
 
 

@@ -277,3 +277,17 @@ def test_rng_states_are_tensors_and_plain_values(tmp_path):
     expected = (np.random.rand(), random.random(), torch.rand(1).item())
     set_rng_state(torch.load(tmp_path / "state.pt", weights_only=True)["rng"][0])
     assert (np.random.rand(), random.random(), torch.rand(1).item()) == expected
+
+
+@pytest.mark.parametrize("text", ['{"epoch": 3}', '[[3, {"val_top1": "high"}]]', '[[3]]', "not json"])
+def test_malformed_epoch_rows_cost_the_rows_not_the_restore(tmp_path, caplog, text):
+    """A checkpoint's epoch_rows.json that is not [epoch, {metric: number}] pairs: a warning naming it, no rows."""
+    from vitlab.train.state import EPOCH_ROWS_FILE, load_epoch_rows
+
+    (tmp_path / EPOCH_ROWS_FILE).write_text(text)
+    with caplog.at_level(logging.WARNING):
+        assert load_epoch_rows(tmp_path) == []
+    assert f"{tmp_path / EPOCH_ROWS_FILE}: not a list of [epoch, {{metric: number}}]" in caplog.text
+    (tmp_path / EPOCH_ROWS_FILE).write_text('[[2, {"val_top1": 0.5}], [3, {"val_top1": 0.75, "lr": 1}]]')
+    assert load_epoch_rows(tmp_path) == [(2, {"val_top1": 0.5}), (3, {"val_top1": 0.75, "lr": 1.0})]
+    assert load_epoch_rows(tmp_path / "absent") == []

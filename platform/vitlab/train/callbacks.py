@@ -22,6 +22,12 @@ NOT_LOGGED = ("epoch", "step", PREEMPTION_NOTICE)  # the step of every metric, a
 PREEMPTIONS_TAG = "vitlab.preemptions"  # how many preemption notices the run answered
 
 
+def epoch_row(metrics: dict[str, Any]) -> tuple[int, dict[str, float]]:
+    """An epoch's report as the MLflow row it becomes: the epoch (the step) and its numeric metrics."""
+    return int(metrics["epoch"]), {k: float(v) for k, v in metrics.items()
+                                   if k not in NOT_LOGGED and isinstance(v, (int, float))}
+
+
 class EpochMetricsCallback(UserCallback):
     """Rank 0's epoch metrics -> the MLflow run, each epoch exactly once, through the run's outbox.
 
@@ -45,8 +51,7 @@ class EpochMetricsCallback(UserCallback):
                 deliver(self.uri, self.run_id, self.outbox, self.pending)
                 self.pending.clear()
             return
-        self.pending.append((int(rank0["epoch"]), {k: float(v) for k, v in rank0.items()
-                                                  if k not in NOT_LOGGED and isinstance(v, (int, float))}))
+        self.pending.append(epoch_row(rank0))
         if checkpoint is not None:
             deliver(self.uri, self.run_id, self.outbox, self.pending)
             self.pending.clear()

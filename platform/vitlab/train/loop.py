@@ -33,7 +33,8 @@ from vitlab.data.pipeline import shared_span, train_key
 from vitlab.data.positions import EpochPlan
 from vitlab.progress import TrainProgress
 from vitlab.train import state as ckpt
-from vitlab.train.callbacks import PREEMPTION_NOTICE
+from vitlab.train import storage
+from vitlab.train.callbacks import PREEMPTION_NOTICE, epoch_row
 from vitlab.train.epoch import (
     EpochTally,
     MidEpochCheckpoints,
@@ -53,6 +54,7 @@ from vitlab.train.optim import (
     build_schedule,
     effective_lr,
 )
+from vitlab.train.outbox import Outbox, deliver
 from vitlab.train.profile import StepProfiler
 from vitlab.train.steplog import StepLogger
 
@@ -157,6 +159,8 @@ def _report_checkpoint(metrics: dict[str, Any], cfg: JobConfig, rank: int, write
         checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint_dir))
     mode = UPLOAD_MODES[upload or cfg.run.checkpoint_upload]
     ray.train.report(metrics, checkpoint=checkpoint, checkpoint_upload_mode=mode)
+    if write is not None:
+        write["epoch_rows"].clear()  # this checkpoint covers them: the next one's rows start here
     if checkpoint_dir is not None and mode is CheckpointUploadMode.SYNC:
         shutil.rmtree(checkpoint_dir, ignore_errors=True)  # persisted to run storage by now
     return time.perf_counter() - start
@@ -235,11 +239,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     augment = batch_augment(build_eraser(cfg.data, device), mixup)
 
     # -- restore (or start from model.init_from) ----------------------------------------------------------
-    start_epoch, step, saved = 0, 0, None
+    start_epoch, step, saved, covered = 0, 0, None, []
     checkpoint, origin = _restore_point(inputs)
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             saved = ckpt.load_state(d)
+            covered = ckpt.load_epoch_rows(d) if origin == OWN_CHECKPOINT else []  # not a donor's epochs
         ckpt.restore(saved, model, optimizer, scaler, rank)
         start_epoch, step = int(saved["epoch"]), int(saved["step"])
     elif inputs.init_weights is not None:
@@ -251,6 +256,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         after = "after a preemption " if ((saved or {}).get("position") or {}).get("preempted") else ""
         log.warning("%srestored %sfrom %s: %s (step %d, %d workers)", inputs.label, after, origin, where, step,
                     world)
+    if covered and rank == 0 and inputs.run_id:
+        # The controller may have gone (a killed sweep driver, a lost head) between registering this checkpoint
+        # and logging its epochs: those MLflow lacks are sent now, each once; while it is down they wait in the
+        # outbox.
+        deliver(inputs.tracking_uri, inputs.run_id, Outbox(storage.run_dir(cfg)), covered)
     schedule.apply(optimizer, step)
 
     model = ray.train.torch.prepare_model(model)
@@ -262,7 +272,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     train_shard = ray.train.get_dataset_shard(train_key(cfg.data, rank, cfg.positional_stream))
     val_shard = ray.train.get_dataset_shard("val")
     eval_batch = (cfg.train.eval_batch_size or global_batch) // world
-    parts = {"model": model, "ema": ema, "optimizer": optimizer, "scaler": scaler}
+    # epoch_rows: the epochs reported since the last checkpoint; the next checkpoint carries them
+    parts = {"model": model, "ema": ema, "optimizer": optimizer, "scaler": scaler, "epoch_rows": []}
     every = cfg.run.preemption_check_every_steps
     preemption = PreemptionChecks(every, rank, inputs.label) if every else None
     encoded = encoded_batches() if cfg.data.decode == "gpu" else {}  # JPEG bytes, decoded on the device
@@ -318,6 +329,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             )
             done = epoch + 1
             metrics = {"epoch": done, "step": step, "workers": world, **train_metrics, **val_metrics}
+            parts["epoch_rows"].append(epoch_row(metrics))
             rng_states = _gather_rng()  # a collective: every rank calls it
             # a preemption notice at the epoch's last step, or a deadline before the next epoch's first check:
             # this checkpoint is the just-in-time one

@@ -2,15 +2,17 @@
 resolved config.
 
 A checkpoint is a directory: ``state.pt`` (torch), ``config.yaml`` (the resolved JobConfig), ``metrics.json``
-(the epoch's metrics) and, for at most 100 classes, ``confusion.npy``. Files are written under a temporary
-name and renamed, so a crash never leaves a file that looks complete. torch is imported inside the
-functions that use it: deploy/ reads checkpoints without paying for torch at import time.
+(the epoch's metrics), ``epoch_rows.json`` (the epochs it covers, as MLflow rows) and, for at most 100 classes,
+``confusion.npy``. Files are written under a temporary name and renamed, so a crash never leaves a file that
+looks complete. torch is imported inside the functions that use it: deploy/ reads checkpoints without paying
+for torch at import time.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import logging
 import random
 import tempfile
 from pathlib import Path
@@ -23,10 +25,15 @@ from vitlab.train import storage
 if TYPE_CHECKING:
     import torch
 
+log = logging.getLogger(__name__)
+
 STATE_FILE = "state.pt"
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.json"
 CONFUSION_FILE = "confusion.npy"
+# The epochs reported since the previous checkpoint, this one's included, as MLflow rows: the controller can go
+# between registering a checkpoint and logging its epochs, and a restore from it sends the ones MLflow lacks.
+EPOCH_ROWS_FILE = "epoch_rows.json"
 
 
 def rng_state() -> dict[str, Any]:
@@ -68,6 +75,7 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 def write_checkpoint_dir(
     *, model, ema=None, optimizer, scaler, epoch: int, step: int, config_yaml: str, metrics: dict[str, Any],
     rng_states: list[dict[str, Any]], confusion: np.ndarray | None, position: dict[str, Any] | None = None,
+    epoch_rows: list[tuple[int, dict[str, float]]] | None = None,
 ) -> Path:
     """Write a checkpoint into a new temporary directory and return it (for ray.train.Checkpoint)."""
     out = Path(tempfile.mkdtemp(prefix="vitlab-ckpt-"))
@@ -85,6 +93,8 @@ def write_checkpoint_dir(
     storage.save_torch(state, str(out / STATE_FILE))
     storage.write_text(str(out / CONFIG_FILE), config_yaml)
     storage.write_text(str(out / METRICS_FILE), json.dumps(metrics, indent=2))
+    if epoch_rows:
+        storage.write_text(str(out / EPOCH_ROWS_FILE), json.dumps(epoch_rows))
     if confusion is not None:
         buf = io.BytesIO()
         np.save(buf, confusion)
@@ -109,6 +119,18 @@ def load_state(checkpoint_dir: str | Path) -> dict[str, Any]:
 def load_metrics(checkpoint_dir: str | Path) -> dict[str, Any] | None:
     f = Path(checkpoint_dir) / METRICS_FILE
     return json.loads(f.read_text()) if f.is_file() else None
+
+
+def load_epoch_rows(checkpoint_dir: str | Path) -> list[tuple[int, dict[str, float]]]:
+    """EPOCH_ROWS_FILE's rows; [] when the checkpoint has none, or they are not [epoch, {metric: number}] pairs
+    (a checkpoint's own bookkeeping: a malformed one costs MLflow rows, never the restore)."""
+    f = Path(checkpoint_dir) / EPOCH_ROWS_FILE
+    try:
+        rows = json.loads(f.read_text()) if f.is_file() else []
+        return [(int(epoch), {str(k): float(v) for k, v in values.items()}) for epoch, values in rows]
+    except (ValueError, TypeError, AttributeError) as e:
+        log.warning("%s: not a list of [epoch, {metric: number}] (%s): its epochs are not checked in MLflow", f, e)
+        return []
 
 
 def load_confusion(checkpoint_dir: str | Path) -> np.ndarray | None:
