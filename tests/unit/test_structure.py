@@ -93,3 +93,35 @@ def test_cli_choices_come_from_the_registries():
     assert choices(parser, "data", "prepare", "format") == list(READERS)
     assert choices(parser, "export", "quantize") == list(QUANTIZERS)
     assert choices(parser, "bench", "infer", "runtime") == list(RUNTIMES)
+
+
+def load_time_imports(path) -> set[str]:
+    """Every module a file imports when it is loaded: its top-level statements (and their if/try blocks), not
+    the bodies of its functions and classes."""
+    found, todo = set(), list(ast.parse(path.read_text()).body)
+    while todo:
+        node = todo.pop()
+        if isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            found |= {node.module, *(f"{node.module}.{a.name}" for a in node.names)}
+        elif isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, (ast.If, ast.Try)):
+            todo += [*node.body, *node.orelse, *getattr(node, "finalbody", []),
+                     *(s for h in getattr(node, "handlers", []) for s in h.body)]
+    return found
+
+
+def test_the_train_controller_loads_no_model_code():
+    """Ray Train's controller unpickles trainer.train_loop_per_worker, the LoopInputs and the callbacks, and
+    so loads their modules; it never trains. Reaching timm or the loop from there cost every run about 2 s
+    of CPU before its workers could start."""
+    reached, todo = set(), ["vitlab.train.trainer", "vitlab.train.inputs", "vitlab.train.callbacks"]
+    while todo:
+        name = todo.pop()
+        if name in reached:
+            continue
+        reached.add(name)
+        if name in MODULES:
+            todo += load_time_imports(MODULES[name])
+    heavy = sorted(m for m in reached if m.split(".")[0] == "timm" or m in ("vitlab.train.loop", "vitlab.model"))
+    assert not heavy, f"the Train controller would import {heavy}"

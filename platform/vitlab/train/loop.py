@@ -1,4 +1,4 @@
-"""train_loop_per_worker: the seed's DDP loop, grown up. Reads top to bottom:
+"""worker_loop: the seed's DDP loop, grown up. Reads top to bottom:
 
 set up -> restore (Ray's latest checkpoint, or --resume-from) -> for each epoch: train steps, evaluate,
 report metrics + checkpoint through ray.train.report (a barrier every worker reaches). The epoch metrics
@@ -11,7 +11,6 @@ import logging
 import random
 import shutil
 import time
-from dataclasses import dataclass
 from functools import partial
 from itertools import islice
 from typing import Any
@@ -45,6 +44,7 @@ from vitlab.train.epoch import (
     micro_batches,
     train_one_epoch,
 )
+from vitlab.train.inputs import LoopInputs
 from vitlab.train.optim import (
     batch_augment,
     build_eraser,
@@ -64,20 +64,6 @@ OWN_CHECKPOINT = "latest checkpoint of this run"
 # A mid-epoch checkpoint's score for keep-best-k: below every accuracy (and finite: Ray keeps the scores as JSON).
 MID_EPOCH_SCORE = -1.0
 UPLOAD_MODES = {"sync": CheckpointUploadMode.SYNC, "async": CheckpointUploadMode.ASYNC}
-
-
-@dataclass
-class LoopInputs:
-    """What every worker needs beside the JobConfig: facts of the dataset and of this run, no settings."""
-
-    num_classes: int
-    train_rows: int
-    tracking_uri: str | None  # the MLflow run rank 0 logs step metrics to (None: no step logging)
-    run_id: str | None
-    resume_from: str | None  # --resume-from, used when the run has no checkpoint of its own
-    epoch_clock: Any  # EpochClock actor handle
-    init_weights: Any = None  # ObjectRef of model.init_from's adapted state_dict (fresh runs start from it)
-    label: str = ""  # before rank 0's lines: "trial <id>: " in a sweep, where several runs print at once
 
 
 def _gather_rng() -> list[dict[str, Any]]:
@@ -207,7 +193,7 @@ def _restored_position(saved: dict[str, Any] | None, cfg: JobConfig, world: int,
     return plan.on(world), int(position["epoch_step"]), tally
 
 
-def train_loop_per_worker(config: dict[str, Any]) -> None:
+def worker_loop(config: dict[str, Any]) -> None:
     cfg: JobConfig = config["job"]
     inputs: LoopInputs = config["inputs"]
     logs.mark_worker_logging()

@@ -28,7 +28,7 @@ from vitlab.redact import redact, redact_all
 from vitlab.train import state, storage
 from vitlab.train.callbacks import EpochMetricsCallback
 from vitlab.train.init_from import InitWeights, load_init_weights
-from vitlab.train.loop import LoopInputs
+from vitlab.train.inputs import LoopInputs
 from vitlab.train.outbox import Outbox, deliver, format_epochs
 from vitlab.train.preflight import Checked, preflight
 from vitlab.train.trainer import build_trainer

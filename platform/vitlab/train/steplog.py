@@ -6,6 +6,10 @@ down they wait here (bounded) and go with the next batch that gets through.
 Exactly once: a restore sends training back to its checkpoint, and the steps after it are trained again. The
 logger starts at the run's last logged step (its watermark) and skips every step at or below it, so each step
 appears once in the curve: the value from its first training. (MLflow cannot replace a logged point.)
+
+Connecting (importing MLflow, opening the store, reading the watermark) happens on the background thread too:
+done before the first step, it held every worker at the first epoch's barrier for about 2 s of each run.
+Steps added before the watermark is known wait, and those at or below it are dropped when it is.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ log = logging.getLogger(__name__)
 
 WATERMARK_KEY = "train_loss_step"
 MAX_WAITING = 100_000  # points kept while the server is down; the oldest go first
+CONNECT_WAIT_S = 60.0  # the longest a checkpoint waits for the connection (the watermark has quick retries)
 
 
 class StepLogger:
@@ -28,35 +33,49 @@ class StepLogger:
     metrics beside them."""
 
     def __init__(self, uri: str, run_id: str, system_metrics: bool, flush_every_s: float = 5.0):
-        import mlflow
-
-        self.client = mlflow.MlflowClient(tracking_uri=uri)
-        self.run_id = run_id
+        self.uri, self.run_id, self.system_metrics = uri, run_id, system_metrics
         self.flush_every_s = flush_every_s
-        self.logged_through = self._watermark()
+        self.client = None
+        self.logged_through: int | None = None  # the watermark, once the background thread has read it
         self.pending: list[tuple[str, float, int]] = []
         self._lock = threading.Lock()
         self._sending = threading.Lock()  # one batch on its way at a time: a flush returns once all are sent
+        self._connected = threading.Event()
         self._stop = threading.Event()
         self._warned = False
+        self._sys = None
         self._thread = threading.Thread(target=self._run, name="vitlab-step-metrics", daemon=True)
         self._thread.start()
-        self._sys = None
-        if system_metrics:
+
+    def _connect(self) -> None:
+        import mlflow
+
+        client = mlflow.MlflowClient(tracking_uri=self.uri)
+        watermark = self._watermark(client)
+        with self._lock:  # from here on, flushes send: only steps above the watermark
+            self.logged_through = watermark
+            self.pending = [p for p in self.pending if p[2] > watermark]
+            self.client = client
+        if self.system_metrics:
             try:
                 from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
-                self._sys = SystemMetricsMonitor(run_id, resume_logging=True, tracking_uri=uri)
+                self._sys = SystemMetricsMonitor(self.run_id, resume_logging=True, tracking_uri=self.uri)
                 self._sys.start()
             except Exception as e:  # system metrics are a nicety; never fail training over them
                 log.warning("MLflow system metrics unavailable: %s", e)
                 self._sys = None
 
-    def _watermark(self) -> int:
+    def watermark(self, timeout: float = CONNECT_WAIT_S) -> int | None:
+        """The run's last logged step before this start (-1 for none), once connected; None if not yet."""
+        self._connected.wait(timeout)
+        return self.logged_through
+
+    def _watermark(self, client) -> int:
         """The run's last logged step of the curve (-1 for none): steps up to it were sent by an earlier start."""
         try:
             with quick_retries():
-                return max((m.step for m in self.client.get_metric_history(self.run_id, WATERMARK_KEY)),
+                return max((m.step for m in client.get_metric_history(self.run_id, WATERMARK_KEY)),
                            default=-1)
         except unreachable_errors() as e:
             # Unknown: log every step. At worst a redone step appears twice; training never waits for this.
@@ -65,13 +84,20 @@ class StepLogger:
             return -1
 
     def add(self, metrics: dict[str, float], step: int) -> None:
-        if step <= self.logged_through:
-            return  # trained again after a restore: already in the curve
         with self._lock:
+            if self.logged_through is not None and step <= self.logged_through:
+                return  # trained again after a restore: already in the curve
             self.pending.extend((k, float(v), step) for k, v in metrics.items())
             del self.pending[:-MAX_WAITING]
 
     def _run(self) -> None:
+        try:
+            self._connect()
+        except Exception as e:  # no step curve, but training goes on (the epoch metrics have their own path)
+            log.warning("step metrics off: no MLflow client (%s)", redact(first_line(e)))
+            return
+        finally:
+            self._connected.set()
         while not self._stop.wait(self.flush_every_s):
             self.flush()
 
@@ -79,10 +105,13 @@ class StepLogger:
         """Send what waits, before a checkpoint is reported: a restore from that checkpoint does not train
         the steps up to it again, so points of them still in memory when this process dies would be lost.
         Skipped while the server is down (training never waits on an outage)."""
+        self._connected.wait(CONNECT_WAIT_S)  # the first checkpoint may come before the thread has connected
         if not self._warned:
             self.flush()
 
     def flush(self) -> None:
+        if self.client is None:  # not connected yet (the thread sends them once it is), or it failed
+            return
         with self._sending:
             with self._lock:
                 batch, self.pending = self.pending, []
@@ -103,7 +132,7 @@ class StepLogger:
 
     def close(self) -> None:
         self._stop.set()
-        self._thread.join(timeout=30)
+        self._thread.join(timeout=30)  # a connection under way finishes first: what waits is then sent
         self.flush()
         if self._sys is not None:
             self._sys.finish()

@@ -5,6 +5,7 @@ over the workers. Nothing here runs anything: ``train.run`` fits what ``build_tr
 from __future__ import annotations
 
 from functools import partial
+from typing import Any
 
 import ray.train
 from ray.data import DataContext
@@ -14,8 +15,17 @@ from vitlab.config import JobConfig
 from vitlab.data.manifest import Manifest
 from vitlab.data.pipeline import shared_span, train_datasets, val_dataset
 from vitlab.train.ingest import dataset_config
-from vitlab.train.loop import LoopInputs, train_loop_per_worker
+from vitlab.train.inputs import LoopInputs
 from vitlab.train.storage import storage_root
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train's entry point on every worker. The Train controller unpickles this function with the trainer
+    but never calls it, so the loop (timm, the model, the epoch code) is imported here, on the workers only:
+    imported by the controller, it cost about 2 s of CPU before every Train run could start its workers."""
+    from vitlab.train.loop import worker_loop
+
+    worker_loop(config)
 
 
 def build_trainer(cfg: JobConfig, manifest: Manifest, inputs: LoopInputs, callbacks: list) -> TorchTrainer:
