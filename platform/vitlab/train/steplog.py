@@ -7,9 +7,9 @@ Exactly once: a restore sends training back to its checkpoint, and the steps aft
 logger starts at the run's last logged step (its watermark) and skips every step at or below it, so each step
 appears once in the curve: the value from its first training. (MLflow cannot replace a logged point.)
 
-Connecting (importing MLflow, opening the store, reading the watermark) happens on the background thread too:
-done before the first step, it held every worker at the first epoch's barrier for about 2 s of each run.
-Steps added before the watermark is known wait, and those at or below it are dropped when it is.
+Connecting (importing MLflow, opening the store, reading the watermark) happens on the background thread too,
+so no worker waits for it at the first epoch's barrier (about 2 s here). Steps added before the watermark is
+known wait, and those at or below it are dropped when it is.
 """
 
 from __future__ import annotations

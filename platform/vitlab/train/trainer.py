@@ -22,7 +22,7 @@ from vitlab.train.storage import storage_root
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train's entry point on every worker. The Train controller unpickles this function with the trainer
     but never calls it, so the loop (timm, the model, the epoch code) is imported here, on the workers only:
-    imported by the controller, it cost about 2 s of CPU before every Train run could start its workers."""
+    on the controller it would cost about 2 s of CPU before every Train run starts its workers."""
     from vitlab.train.loop import worker_loop
 
     worker_loop(config)
