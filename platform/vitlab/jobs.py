@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import secrets
 import shlex
 import sys
@@ -145,15 +146,22 @@ class Jobs:
         except AuthenticationError as e:
             raise _auth_error(self.address, self.token, e) from None
         except OSError as e:  # requests' ConnectionError and timeouts are OSErrors
-            raise ClusterUnreachable(f"the Ray cluster at {self.address} stopped answering ({type(e).__name__}); "
-                                     "the job's state is unknown: check it with `vitlab jobs status` when the "
-                                     "cluster is back") from None
+            raise self._unreachable(type(e).__name__) from None
         except RuntimeError as e:
             if "status code 404" in str(e) or "does not exist" in str(e):
                 job = args[0] if args else kwargs.get("job_id", "")
                 raise UserError(f"no job '{job}' on the Ray cluster at {self.address} (vitlab jobs list)") \
                     from None
+            # a head going down or restarting answers 500 for a moment (a tunnel's proxy 502/503): waited for
+            # like silence, and one line, not a traceback
+            server_error = re.search(r"status code (5\d\d)", str(e))
+            if server_error:
+                raise self._unreachable(f"HTTP {server_error[1]}") from None
             raise
+
+    def _unreachable(self, why: str) -> ClusterUnreachable:
+        return ClusterUnreachable(f"the Ray cluster at {self.address} stopped answering ({why}); the job's state "
+                                  "is unknown: check it with `vitlab jobs status` when the cluster is back")
 
     def dashboard_url(self, job_id: str) -> str:
         return f"{self.address}/#/jobs/{job_id}"
