@@ -37,6 +37,23 @@ class NonFiniteLossError(FloatingPointError):
     """Training produced a NaN or inf loss; carries the global step."""
 
 
+class IncompleteEpochError(RuntimeError):
+    """An epoch's data stream ended before its steps or its validation were done."""
+
+
+def check_whole_epoch(epoch: int, steps: int, expected_steps: int, val_images: int, val_rows: int) -> None:
+    """Raise unless the epoch trained all its steps and validated every val image. Ray Data ends a worker's
+    iterators when its worker group is stopped (a resize, a lost node): without this check, the dying group
+    would report a short epoch, or a validation of no images as val_top1 0. The same on every rank (workers take
+    their optimizer steps together; the val images are summed over them), so all raise and none waits in a
+    collective."""
+    if steps != expected_steps or val_images != val_rows:
+        raise IncompleteEpochError(
+            f"epoch {epoch}: trained {steps} of its {expected_steps} steps and validated {val_images} of the "
+            f"{val_rows} val images: a data stream ended early; the epoch is not reported"
+        )
+
+
 @dataclass
 class Watchers:
     """What rank 0 does beside training, each None when off (and on every other rank): live step metrics to

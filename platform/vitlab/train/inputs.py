@@ -14,6 +14,7 @@ class LoopInputs:
 
     num_classes: int
     train_rows: int
+    val_rows: int  # every epoch validates all of them (an epoch that did not is not reported)
     tracking_uri: str | None  # the MLflow run rank 0 logs step metrics to (None: no step logging)
     run_id: str | None
     resume_from: str | None  # --resume-from, used when the run has no checkpoint of its own

@@ -40,6 +40,7 @@ from vitlab.train.epoch import (
     PreemptionChecks,
     StepLayout,
     Watchers,
+    check_whole_epoch,
     evaluate,
     micro_batches,
     train_one_epoch,
@@ -300,6 +301,7 @@ def worker_loop(config: dict[str, Any]) -> None:
                 span_left -= 1
                 # each worker holds span.images / W rows of every epoch of the span: exactly its steps
                 batches = islice(span_batches, steps_per_epoch * cfg.optim.accum_steps) if span else span_batches
+            step_before = step
             train_metrics, step = train_one_epoch(model, batches, optimizer, schedule, scaler, loss_fn, augment,
                                                   ema, cfg, device, step, epoch, watch, tally, done_before,
                                                   mid_epoch, preemption, layout)
@@ -314,6 +316,8 @@ def worker_loop(config: dict[str, Any]) -> None:
                 cfg, device, inputs.num_classes, confusion_of=cfg.run.best_by.removeprefix("val_top1"),
             )
             done = epoch + 1
+            check_whole_epoch(done, step - step_before, plan.steps if mid_epoch is not None else steps_per_epoch,
+                              int(val_metrics["val_images"]), inputs.val_rows)
             metrics = {"epoch": done, "step": step, "workers": world, **train_metrics, **val_metrics}
             parts["epoch_rows"].append(epoch_row(metrics))
             rng_states = _gather_rng()  # a collective: every rank calls it

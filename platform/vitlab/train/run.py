@@ -96,7 +96,8 @@ def train(cfg: JobConfig, resume_from: str | None = None, parent_run_id: str | N
             "resumed" if resumed else "new", redact(uri))
     outbox = Outbox(run_dir)
     deliver(uri, run_id, outbox)  # epochs an earlier start of this run could not send
-    inputs = LoopInputs(num_classes=manifest.num_classes, train_rows=manifest.rows("train"), tracking_uri=uri,
+    inputs = LoopInputs(num_classes=manifest.num_classes, train_rows=manifest.rows("train"),
+                        val_rows=manifest.rows("val"), tracking_uri=uri,
                         run_id=run_id, resume_from=resume_from, epoch_clock=start_epoch_clock(),
                         init_weights=ray.put(init.state_dict) if init else None,
                         label=f"trial {cfg.run.name}: " if tracking_key else "")
