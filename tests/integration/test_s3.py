@@ -1,9 +1,9 @@
-"""The cluster's paths on object storage: a real S3 server on 127.0.0.1 (moto), s3:// everywhere."""
+"""The cluster's paths on object storage: a real S3 server on 127.0.0.1 (moto), s3:// everywhere. A sweep's
+trials and best.yaml in S3: test_sweep.py (the ASHA sweep and the resumed one)."""
 
 import io
 import json
 
-import mlflow
 import pytest
 import torch
 
@@ -109,21 +109,3 @@ def test_finetune_from_s3(s3, shards, trained):
     tuned = train(job(store, shards, "s3tuned", "train.epochs=1", "data.image_size=24",
                       f"model.init_from={o.model_path}", f"run.storage_path={RUNS}"))
     assert tuned.epochs == 1 and tuned.model_path == f"{RUNS}/s3tuned/best_model.pt"
-
-
-def test_sweep_keeps_trials_and_best_yaml_in_s3(s3, shards, tmp_path):
-    from vitlab.config import JobConfig
-    from vitlab.tune.space import load_space
-    from vitlab.tune.sweep import run_sweep
-
-    space = tmp_path / "space.yaml"
-    space.write_text("metric: val_top1\nmode: max\nnum_samples: 1\nmax_concurrent_trials: 2\n"
-                     "params:\n  optim.lr: {grid: [3.0e-3, 1.0e-5]}\n")
-    base = job(tmp_path, shards, "s3sweep", "scaling.num_workers=1", "train.epochs=1", f"run.storage_path={RUNS}")
-    report = run_sweep(base, load_space(space), str(space))
-    assert report["best_config"] == f"{RUNS}/s3sweep-space/best.yaml" and len(report["trials"]) == 2
-    best = JobConfig.from_yaml(storage.read_bytes(report["best_config"]).decode(), "best.yaml")
-    assert best.optim.lr == max(report["trials"], key=lambda t: t["val_top1"])["params"]["optim.lr"]
-    assert any(k.endswith("/state.pt") for k in s3.keys("runs/s3sweep-space/trials/"))
-    parent = mlflow.MlflowClient(report["tracking_uri"]).get_run(report["mlflow_parent_run_id"])
-    assert parent.info.status == "FINISHED"

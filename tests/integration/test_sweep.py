@@ -1,5 +1,6 @@
-"""Sweeps on a real local Ray: a tiny ASHA sweep tracked as MLflow parent + children, --resume after the driver
-is killed, and a PBT exploit that continues from the donor's checkpoint."""
+"""Sweeps on a real local Ray: a tiny ASHA sweep tracked as MLflow parent + children on the authenticated
+tracking server with its trials in S3, --resume after the driver is killed, and a PBT exploit that continues
+from the donor's checkpoint."""
 
 import json
 import os
@@ -12,7 +13,6 @@ from pathlib import Path
 import mlflow
 
 from tests.support import JOB, ROOT, TINY, VITLAB, store_overrides, tiny_job
-from vitlab.config import load_job
 from vitlab.tune.space import load_space
 
 
@@ -27,7 +27,12 @@ def write(tmp_path, text):
     return p
 
 
-def test_tiny_asha_sweep_with_mlflow_parent_and_children(ray_session, digits_dir, tmp_path):
+def test_tiny_asha_sweep_through_the_tracking_server_with_trials_in_s3(ray_session, tracking_server, digits_dir,
+                                                                     tmp_path, s3):
+    """A tiny ASHA sweep as a cluster runs one: the MLflow parent and children on the authenticated tracking
+    server, the trials' checkpoints and best.yaml in S3."""
+    from vitlab.config import JobConfig
+    from vitlab.train import storage
     from vitlab.tune.sweep import run_sweep
 
     space = write(tmp_path, """
@@ -39,7 +44,8 @@ scheduler: {name: asha, grace_period: 1, reduction_factor: 2}
 params:
   optim.lr: {grid: [3.0e-3, 4.0e-3, 1.0e-5, 2.0e-5]}
 """)
-    base = tiny_job(tmp_path, digits_dir, "tiny", "scaling.num_workers=1", "train.epochs=4")
+    base = tiny_job(tmp_path, digits_dir, "tiny", "scaling.num_workers=1", "train.epochs=4",
+                    f"tracking.uri={tracking_server.uri}", "run.storage_path=s3://vitlab/asha")
     spec = load_space(space)
     report = run_sweep(base, spec, str(space))
     trials = report["trials"]
@@ -48,13 +54,15 @@ params:
     assert report["trial_epochs_total"] == sum(t["epochs_run"] for t in trials) < 16  # ASHA stopped some early
     assert any(t["status"] == "stopped_early" for t in trials)
     assert report["best_val_top1"] == max(t["val_top1"] for t in trials)
-    best = Path(report["best_config"])
-    assert best.is_file()
-    best_cfg = load_job(best)  # `vitlab train best.yaml` runs it unchanged
-    assert best_cfg.optim.lr == trials[0]["params"]["optim.lr"]
+    assert report["best_config"] == "s3://vitlab/asha/tiny-space/best.yaml"
+    best_cfg = JobConfig.from_yaml(storage.read_bytes(report["best_config"]).decode(), "best.yaml")
+    assert best_cfg.optim.lr == trials[0]["params"]["optim.lr"]  # `vitlab train best.yaml` runs it unchanged
+    assert any(k.endswith("/state.pt") for k in s3.keys("asha/tiny-space/trials/"))
 
-    client = mlflow.MlflowClient(report["tracking_uri"])
+    client = mlflow.MlflowClient(tracking_server.uri)
+    assert report["tracking_uri"] == tracking_server.uri
     parent = client.get_run(report["mlflow_parent_run_id"])
+    assert parent.info.status == "FINISHED"
     assert json.loads(parent.data.params["space"]) == spec.params
     assert "best_val_top1" in parent.data.metrics
     arts = {a.path for a in client.list_artifacts(parent.info.run_id)}
@@ -67,6 +75,9 @@ params:
     for child in children:
         assert child.data.params["optim.lr"] in {"1e-05", "2e-05", "0.003", "0.004"}
         assert client.get_metric_history(child.info.run_id, "val_top1")
+        assert tracking_server.admin_password not in str(child.data.params) + str(child.data.tags)
+    assert tracking_server.admin_password not in str(parent.data.params) + str(parent.data.tags)
+    assert os.environ["MLFLOW_TRACKING_PASSWORD"] == tracking_server.admin_password
 
 
 def _last_epoch_registered(s3, prefix: str, done: dict) -> int:

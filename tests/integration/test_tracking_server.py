@@ -1,9 +1,9 @@
 """An MLflow tracking server as a cluster runs it: `mlflow server` on 127.0.0.1 with basic-auth on, a sqlite
-backend and proxied artifacts in S3 (the clients hold no S3 credentials of their own for it). Train, sweep,
-export and register all go through it with MLFLOW_TRACKING_USERNAME/PASSWORD."""
+backend and proxied artifacts in S3 (the clients hold no S3 credentials of their own for it). Train, export
+and register go through it here with MLFLOW_TRACKING_USERNAME/PASSWORD, and a sweep in test_sweep.py (the ASHA
+sweep)."""
 
 import base64
-import os
 import urllib.error
 import urllib.request
 
@@ -85,22 +85,3 @@ def test_register_and_export_through_the_server(trained, tracking_server, tmp_pa
     ran = run_cli("export", "models:/digits-auth@champion", "--out", tmp_path / "onnx",
                   "--tracking-uri", tracking_server.uri)
     assert ran.returncode == 0 and (tmp_path / "onnx" / "model.onnx").is_file(), ran.stderr
-
-
-def test_sweep_through_the_server(ray_session, tracking_server, digits_dir, tmp_path):
-    from vitlab.tune.space import load_space
-    from vitlab.tune.sweep import run_sweep
-
-    space = tmp_path / "space.yaml"
-    space.write_text("metric: val_top1\nmode: max\nnum_samples: 1\nmax_concurrent_trials: 2\n"
-                     "params:\n  optim.lr: {grid: [3.0e-3, 1.0e-5]}\n")
-    base = job(tmp_path, digits_dir, "authsweep", "scaling.num_workers=1", "train.epochs=1",
-               f"tracking.uri={tracking_server.uri}")
-    report = run_sweep(base, load_space(space), str(space))
-    client = mlflow.MlflowClient(tracking_server.uri)
-    parent = client.get_run(report["mlflow_parent_run_id"])
-    children = client.search_runs([parent.info.experiment_id],
-                                  filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
-    assert parent.info.status == "FINISHED" and len(children) == 2
-    assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {"best.yaml", "trials.csv"}
-    assert os.environ["MLFLOW_TRACKING_PASSWORD"] == tracking_server.admin_password
