@@ -116,13 +116,14 @@ def test_node_loss_restores_from_checkpoint(scenarios):
 @pytest.mark.timeout(900)
 def test_spot_preemption_checkpoints_before_the_deadline_and_is_not_a_failure(scenarios):
     r = _get(scenarios, "preemption")  # run.max_failures=0: a restart charged as a failure would end the run
-    assert r["accepted"] and r["logged_before"] and r["epochs"] == [1, 2, 3, 4, 5, 6], r
+    assert r["accepted"] and r["logged_before"] and r["epochs"] == list(range(1, r["expected_epochs"] + 1)), r
     assert r["preemptions"] == "1", r  # the run's MLflow tag
-    assert len(r["check_ms"]) == 6 and all(ms > 0 for ms in r["check_ms"]), r  # the barrier's cost, each epoch
+    # the barrier's cost, each epoch
+    assert len(r["check_ms"]) == r["expected_epochs"] and all(ms > 0 for ms in r["check_ms"]), r
     _, text = scenarios
     text = text[text.index("drained node"):text.index('RESULT {"scenario": "preemption"')]  # this scenario's
     notices = re.findall(r"preemption notice at step (\d+)", text)
-    # a notice at an epoch's last step is answered by that epoch's end-of-epoch checkpoint
+    # a notice at an epoch's last step or during its validation is answered by its end-of-epoch checkpoint
     jit = re.findall(r"just-in-time checkpoint (?:in epoch \d+ at step (\d+) of \d+|at the end of epoch \d+, "
                      r"step (\d+)) \(training paused [\d.]+ s, upload sync\)", text)
     held = re.findall(r"holding at step (\d+) until the preempted node goes", text)

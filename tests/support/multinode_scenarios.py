@@ -32,7 +32,11 @@ from pathlib import Path
 from tests.support import in_thread, tiny_job
 
 NODE_CPUS = 2
-PREEMPTION_DEADLINE_S = 5
+# The drain comes as an epoch starts (the epoch before it shows in MLflow): its first check, after the first
+# batches load (seconds here, no check runs meanwhile), must come before the deadline; the run's epochs must
+# outlast it (the epoch in MLflow can lag training by two), so that it holds and restarts.
+PREEMPTION_DEADLINE_S = 12
+PREEMPTION_EPOCHS = 10
 ELASTIC_ALONE_S = 120  # at most, for the one-worker epoch
 
 
@@ -173,9 +177,9 @@ def scenario_preemption(cluster, tmp: Path, data: str) -> None:
 
     from vitlab.train.run import train
 
-    cfg = job(tmp, data, "spot", "train.epochs=6", "scaling.num_workers=2", "scaling.cpus_per_worker=0.5",
-              "scaling.placement_strategy=STRICT_SPREAD", "run.max_failures=0", "run.checkpoint_every_steps=1000",
-              "run.preemption_check_every_steps=2", f"run.storage_path=s3://vitlab/multinode/{tmp.name}")
+    cfg = job(tmp, data, "spot", f"train.epochs={PREEMPTION_EPOCHS}", "scaling.num_workers=2",
+              "scaling.cpus_per_worker=0.5", "scaling.placement_strategy=STRICT_SPREAD", "run.max_failures=0",
+              "run.checkpoint_every_steps=1000", "run.preemption_check_every_steps=2", f"run.storage_path=s3://vitlab/multinode/{tmp.name}")
     thread, out = in_thread(lambda: train(cfg, log_model=False))
     logged = wait_for_first_epoch(cfg.tracking.uri, "spot", thread)
     victim = sorted(cluster.worker_nodes, key=lambda n: n.node_id)[0]
@@ -198,7 +202,7 @@ def scenario_preemption(cluster, tmp: Path, data: str) -> None:
            preemptions=run.data.tags.get("vitlab.preemptions") if run else None,
            check_ms=[round(m.value, 2) for m in mlflow.MlflowClient(cfg.tracking.uri).get_metric_history(
                o.mlflow_run_id, "preemption_check_ms")] if o else None,
-           deadline_ms=deadline_ms)
+           deadline_ms=deadline_ms, expected_epochs=PREEMPTION_EPOCHS)
 
 
 def scenario_elastic(cluster, tmp: Path, data: str) -> None:

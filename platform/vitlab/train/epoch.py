@@ -121,12 +121,11 @@ class PreemptionChecks:
     ``check`` answers, the same on every worker: "checkpoint" at the first notice of a preemption (a just-in-time
     mid-epoch checkpoint, then training carries on), "last" once the notice's deadline is nearer than two check
     intervals, two checkpoints and REGISTER_MARGIN_S (decided on all workers' clocks at once: an all-reduce),
-    after which ``hold``
-    waits for the node to go instead of training steps that would be trained again; None otherwise. Ray Train
-    then restarts the run from the latest checkpoint, charged to ``run.max_preemption_failures``, not to
-    ``run.max_failures``. An answer at an epoch's last step, where no mid-epoch checkpoint is taken, waits in
-    ``epoch_end`` for the end-of-epoch checkpoint to give it; that checkpoint is also the "last" when the deadline
-    falls before the next epoch's first check (``take_epoch_end``). Counts its checks and their time."""
+    after which ``hold`` waits for the node to go instead of training steps that would be trained again; None
+    otherwise. Ray Train then restarts the run from the latest checkpoint, charged to
+    ``run.max_preemption_failures``, not to ``run.max_failures``. The end-of-epoch checkpoint gives an answer
+    from the epoch's last step (``epoch_end``), or that of one more check after validation (``take_epoch_end``).
+    Counts its checks and their time."""
 
     every: int
     rank: int
@@ -134,18 +133,30 @@ class PreemptionChecks:
     answered: set[tuple[str, ...]] = field(default_factory=set)  # the notices seen (their nodes)
     deadline_s: float | None = None  # of the notice being answered
     last_taken: bool = False
+    hold_after: bool = False  # the checkpoint of this answer is the last before the deadline: hold after it
     last_check_at: float = 0.0
     save_s: float = 0.0  # how long the last just-in-time checkpoint paused training
     epoch_end: str | None = None  # "checkpoint" | "last", for the end-of-epoch checkpoint to give
+    ended_at: float = 0.0  # when the last epoch's end check ran, until the next epoch's first check
+    epoch_start_s: float = 0.0  # from an epoch's end check to the next epoch's first, as last measured
     checks: int = 0
     check_s: float = 0.0
 
     def check(self, step: int, device) -> str | None:
-        if step % self.every:
-            return None
+        return None if step % self.every else self._ask(step, device)
+
+    def preemption_info(self):
+        """Ray Train's preemption info, the same on every worker (a barrier); None without a notice."""
+        return ray.train.get_preemption_info()
+
+    def _ask(self, step: int, device, at_epoch_end: bool = False) -> str | None:
         start = time.perf_counter()
         interval_s = start - self.last_check_at if self.last_check_at else 0.0
-        info = ray.train.get_preemption_info()
+        if self.ended_at:  # an epoch's first check: its start (report, first batches) took this long
+            self.epoch_start_s, self.ended_at = start - self.ended_at, 0.0
+        # to the check after this one: an interval, or at an epoch's end the next epoch's start, as it last took
+        wait_s = max(2 * interval_s, self.epoch_start_s + interval_s) if at_epoch_end else 2 * interval_s
+        info = self.preemption_info()
         self.last_check_at = time.perf_counter()
         self.checks += 1
         self.check_s += self.last_check_at - start
@@ -158,28 +169,29 @@ class PreemptionChecks:
                 left = f"in {self.deadline_s - time.time():.0f} s" if self.deadline_s else "without a deadline"
                 log.warning("%spreemption notice at step %d: node(s) %s (ranks %s) go %s", self.label, step,
                             ", ".join(n[:12] for n in info.preempted_node_ids), info.preempted_ranks, left)
+            self._last_if_near(wait_s, device)  # a deadline near already: this first checkpoint is the last
             return "checkpoint"
-        return self._last_if_near(interval_s, device)
+        return self._last_if_near(wait_s, device)
 
-    def _last_if_near(self, interval_s: float, device) -> str | None:
-        """"last" when the deadline is nearer than two intervals to the next check, two checkpoints (uploaded
-        before report returns) and the controller's poll. The same on every worker: one all-reduce, whatever
-        their clocks; every worker calls it or none (the notice and its answers are the same on all)."""
+    def _last_if_near(self, wait_s: float, device) -> str | None:
+        """"last" when the deadline is nearer than the wait to the check after the next one, two checkpoints
+        (uploaded before report returns) and the controller's poll. The same on every worker: one all-reduce,
+        whatever their clocks; every worker calls it or none (the notice and its answers are the same on all)."""
         if self.deadline_s is None or self.last_taken:
             return None
-        near = self.deadline_s - time.time() < 2 * interval_s + 2 * self.save_s + REGISTER_MARGIN_S
+        near = self.deadline_s - time.time() < wait_s + 2 * self.save_s + REGISTER_MARGIN_S
         if _all_reduce_sum([float(near)], device)[0] > 0:
-            self.last_taken = True
+            self.last_taken = self.hold_after = True
             return "last"
         return None
 
-    def take_epoch_end(self, device) -> str | None:
-        """The answer the end-of-epoch checkpoint gives: one from the epoch's last step, or else "last" if the
-        deadline falls before the next epoch's first check. The epoch's tail and validation ran since the last
-        check, and the next epoch's start is no shorter; no check runs in between."""
-        answer, self.epoch_end = self.epoch_end, None
-        if answer is None and self.last_check_at:
-            answer = self._last_if_near(time.perf_counter() - self.last_check_at, device)
+    def take_epoch_end(self, step: int, device) -> str | None:
+        """The answer the end-of-epoch checkpoint gives: one from the epoch's last step, or else that of a check
+        now, after validation: "checkpoint" for a notice that came during the epoch's tail or validation (on a
+        large val split, minutes), "last" if the deadline falls before the next epoch's first check (no check runs
+        in the next epoch's start, the report and first batches: as long as it last took, or the tail's time)."""
+        answer, self.epoch_end = self.epoch_end or self._ask(step, device, at_epoch_end=True), None
+        self.ended_at = time.perf_counter()
         return answer
 
     def hold(self, step: int) -> None:
@@ -190,6 +202,7 @@ class PreemptionChecks:
         until = (self.deadline_s or time.time()) + HOLD_AFTER_DEADLINE_S
         while time.time() < until:
             time.sleep(0.5)
+        self.ended_at, self.hold_after = 0.0, False  # the wait is not an epoch's start
         if self.rank == 0:
             log.warning("%sthe node was not reclaimed: training goes on", self.label)
 
@@ -315,7 +328,7 @@ def train_one_epoch(model, batches, optimizer, schedule, scaler, loss_fn, augmen
                 mid_epoch.save(done, step, tally.summed(device), preempted=preempted)
                 if preempted:
                     preemption.save_s = time.perf_counter() - paused_at
-                if preempted == "last":
+                if preempted and preemption.hold_after:
                     preemption.hold(step)
                 start = time.perf_counter()  # the checkpoint's time is not the epoch's
             elif preempted and mid_epoch is not None:  # the epoch's last step: its end-of-epoch checkpoint answers

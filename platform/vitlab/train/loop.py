@@ -321,9 +321,9 @@ def worker_loop(config: dict[str, Any]) -> None:
             metrics = {"epoch": done, "step": step, "workers": world, **train_metrics, **val_metrics}
             parts["epoch_rows"].append(epoch_row(metrics))
             rng_states = _gather_rng()  # a collective: every rank calls it
-            # a preemption notice at the epoch's last step, or a deadline before the next epoch's first check:
-            # this checkpoint is the just-in-time one
-            answer = preemption.take_epoch_end(device) if preemption is not None else None
+            # a preemption notice at the epoch's last step or since (validation), or a deadline before the next
+            # epoch's first check: this checkpoint is the just-in-time one
+            answer = preemption.take_epoch_end(step, device) if preemption is not None else None
             save = answer is not None or done % cfg.run.checkpoint_every == 0 or done == cfg.train.epochs
             if rank == 0:
                 log.info(
@@ -339,7 +339,7 @@ def worker_loop(config: dict[str, Any]) -> None:
             if answer and rank == 0:
                 log.warning("%sjust-in-time checkpoint at the end of epoch %d, step %d (training paused %.2f s, "
                             "upload sync)", inputs.label, done, step, paused)
-            if answer == "last" and done < cfg.train.epochs:  # after the last epoch, nothing is left to hold for
+            if answer and preemption.hold_after and done < cfg.train.epochs:  # after the last epoch, none to hold for
                 preemption.hold(step)
             if watch.progress is not None:
                 watch.progress.end_epoch()
