@@ -34,9 +34,10 @@ from tests.support import in_thread, tiny_job
 NODE_CPUS = 2
 # The drain comes as an epoch starts (the epoch before it shows in MLflow): its first check, after the first
 # batches load (seconds here, no check runs meanwhile), must come before the deadline; the run's epochs must
-# outlast it (the epoch in MLflow can lag training by two), so that it holds and restarts.
+# outlast it, so that it holds and restarts: the notice came at epochs 2-3 here (the epoch in MLflow lags training)
+# and the hold at epochs 3-8.
 PREEMPTION_DEADLINE_S = 12
-PREEMPTION_EPOCHS = 10
+PREEMPTION_EPOCHS = 12
 ELASTIC_ALONE_S = 120  # at most, for the one-worker epoch
 
 
