@@ -180,7 +180,8 @@ def scenario_preemption(cluster, tmp: Path, data: str) -> None:
 
     cfg = job(tmp, data, "spot", f"train.epochs={PREEMPTION_EPOCHS}", "scaling.num_workers=2",
               "scaling.cpus_per_worker=0.5", "scaling.placement_strategy=STRICT_SPREAD", "run.max_failures=0",
-              "run.checkpoint_every_steps=1000", "run.preemption_check_every_steps=2", f"run.storage_path=s3://vitlab/multinode/{tmp.name}")
+              "run.checkpoint_every_steps=1000", "run.preemption_check_every_steps=2",
+              f"run.storage_path=s3://vitlab/multinode/{tmp.name}")
     thread, out = in_thread(lambda: train(cfg, log_model=False))
     logged = wait_for_first_epoch(cfg.tracking.uri, "spot", thread)
     victim = sorted(cluster.worker_nodes, key=lambda n: n.node_id)[0]

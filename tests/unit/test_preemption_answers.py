@@ -45,7 +45,7 @@ class AnswersAt(Notice):
 
     def check(self, step: int, device) -> str | None:
         answer = self.at.get(step)
-        self.hold_after = answer in ("last", "checkpoint, near")
+        self.last_taken = answer in ("last", "checkpoint, near")
         return answer.split(",")[0] if answer else None
 
     def hold(self, step: int) -> None:
@@ -129,10 +129,10 @@ def test_a_notice_during_validation_is_answered_by_the_end_of_epoch_checkpoint(d
 def test_a_notice_during_validation_with_its_deadline_near_makes_the_end_of_epoch_checkpoint_the_last():
     preemption = Notice(every=2, rank=1)
     preemption.info = notice(2.0)  # nearer than two checkpoints and the controller's margin
-    assert preemption.take_epoch_end(STEPS, CPU) == "checkpoint" and preemption.hold_after  # counted, then held
+    assert preemption.take_epoch_end(STEPS, CPU) == "checkpoint" and preemption.last_taken  # counted, then held
     far = Notice(every=2, rank=1)
     far.info = notice(60.0)
-    assert far.take_epoch_end(STEPS, CPU) == "checkpoint" and not far.hold_after
+    assert far.take_epoch_end(STEPS, CPU) == "checkpoint" and not far.last_taken
 
 
 def test_a_slow_epoch_start_makes_the_end_of_epoch_checkpoint_the_last_sooner():

@@ -132,8 +132,7 @@ class PreemptionChecks:
     label: str = ""
     answered: set[tuple[str, ...]] = field(default_factory=set)  # the notices seen (their nodes)
     deadline_s: float | None = None  # of the notice being answered
-    last_taken: bool = False
-    hold_after: bool = False  # the checkpoint of this answer is the last before the deadline: hold after it
+    last_taken: bool = False  # the notice's last checkpoint is given: the answer that gives it holds after it
     last_check_at: float = 0.0
     save_s: float = 0.0  # how long the last just-in-time checkpoint paused training
     epoch_end: str | None = None  # "checkpoint" | "last", for the end-of-epoch checkpoint to give
@@ -181,7 +180,7 @@ class PreemptionChecks:
             return None
         near = self.deadline_s - time.time() < wait_s + 2 * self.save_s + REGISTER_MARGIN_S
         if _all_reduce_sum([float(near)], device)[0] > 0:
-            self.last_taken = self.hold_after = True
+            self.last_taken = True
             return "last"
         return None
 
@@ -202,7 +201,7 @@ class PreemptionChecks:
         until = (self.deadline_s or time.time()) + HOLD_AFTER_DEADLINE_S
         while time.time() < until:
             time.sleep(0.5)
-        self.ended_at, self.hold_after = 0.0, False  # the wait is not an epoch's start
+        self.ended_at = 0.0  # the wait is not an epoch's start
         if self.rank == 0:
             log.warning("%sthe node was not reclaimed: training goes on", self.label)
 
@@ -328,7 +327,7 @@ def train_one_epoch(model, batches, optimizer, schedule, scaler, loss_fn, augmen
                 mid_epoch.save(done, step, tally.summed(device), preempted=preempted)
                 if preempted:
                     preemption.save_s = time.perf_counter() - paused_at
-                if preempted and preemption.hold_after:
+                if preempted and preemption.last_taken:
                     preemption.hold(step)
                 start = time.perf_counter()  # the checkpoint's time is not the epoch's
             elif preempted and mid_epoch is not None:  # the epoch's last step: its end-of-epoch checkpoint answers

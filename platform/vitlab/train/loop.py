@@ -339,7 +339,7 @@ def worker_loop(config: dict[str, Any]) -> None:
             if answer and rank == 0:
                 log.warning("%sjust-in-time checkpoint at the end of epoch %d, step %d (training paused %.2f s, "
                             "upload sync)", inputs.label, done, step, paused)
-            if answer and preemption.hold_after and done < cfg.train.epochs:  # after the last epoch, none to hold for
+            if answer and preemption.last_taken and done < cfg.train.epochs:  # after the last epoch, none to hold for
                 preemption.hold(step)
             if watch.progress is not None:
                 watch.progress.end_epoch()
