@@ -9,6 +9,20 @@ import pytest
 from tests.support import prepare_digits
 
 
+@pytest.fixture(scope="session", autouse=True)
+def empty_mlflow_db(tmp_path_factory):
+    """The store every test's sqlite MLflow store starts as (tests.support.store_overrides copies it)."""
+    import mlflow
+
+    import tests.support as support
+
+    path = tmp_path_factory.mktemp("mlflow-empty") / "mlflow.db"
+    mlflow.MlflowClient(f"sqlite:///{path}").search_experiments()  # runs MLflow's migrations once
+    support.EMPTY_MLFLOW_DB = path
+    yield path
+    support.EMPTY_MLFLOW_DB = None
+
+
 @pytest.fixture(scope="session")
 def s3():
     """The session's S3 server on 127.0.0.1 with bucket s3://vitlab; its variables are set before Ray starts

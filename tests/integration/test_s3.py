@@ -1,9 +1,12 @@
-"""The cluster's paths on object storage: a real S3 server on 127.0.0.1 (moto), s3:// everywhere. A sweep's
-trials and best.yaml in S3: test_sweep.py (the ASHA sweep and the resumed one)."""
+"""The cluster's paths on object storage: a real S3 server on 127.0.0.1 (moto), s3:// everywhere, and a training
+as a cluster runs one: shards and checkpoints in S3, tracked through the authenticated MLflow server (its
+artifacts proxied to S3), then registered and exported through it. A sweep's trials and best.yaml in S3:
+test_sweep.py (the ASHA sweep and the resumed one)."""
 
 import io
 import json
 
+import mlflow
 import pytest
 import torch
 
@@ -75,17 +78,46 @@ def test_verify_checks_every_shard_and_names_a_changed_one(s3, shards, tmp_path)
 
 
 @pytest.fixture(scope="module")
-def trained(shards, tmp_path_factory):
+def trained(shards, tracking_server, tmp_path_factory):
     store = tmp_path_factory.mktemp("s3train")
-    return store, train(job(store, shards, "s3run", "train.epochs=2", f"run.storage_path={RUNS}"))
+    return store, train(job(store, shards, "s3run", "train.epochs=2", f"run.storage_path={RUNS}",
+                            f"tracking.uri={tracking_server.uri}"))
 
 
-def test_train_reads_and_checkpoints_in_s3_and_resumes(s3, shards, trained):
+def test_train_logs_through_the_server_and_artifacts_land_in_the_bucket(trained, tracking_server, s3):
+    _, o = trained
+    client = mlflow.MlflowClient(tracking_server.uri)
+    run = client.get_run(o.mlflow_run_id)
+    assert run.info.status == "FINISHED" and run.info.artifact_uri.startswith("mlflow-artifacts:/")
+    steps = [m.step for m in client.get_metric_history(o.mlflow_run_id, "val_top1")]
+    assert steps == list(range(1, len(steps) + 1)) and len(steps) >= 2, steps  # 3 once the resume test ran
+    keys = s3.keys(f"mlflow-artifacts/{run.info.experiment_id}/")
+    names = {k.rsplit("/", 1)[1] for k in keys if f"/{o.mlflow_run_id}/" in k}
+    assert {"config.yaml", "manifest.json", "curves.png"} <= names, names
+    model = mlflow.pytorch.load_model(f"runs:/{o.mlflow_run_id}/model")  # MLflow 3: a logged model
+    assert any(k.endswith("/MLmodel") for k in keys) and model(torch.zeros(1, 3, 16, 16)).shape == (1, 10)
+    assert tracking_server.admin_password not in str(run.data.params) + str(run.data.tags)
+
+
+def test_register_and_export_through_the_server(trained, tracking_server, tmp_path):
+    _, o = trained
+    ran = run_cli("register", o.mlflow_run_id, "--name", "digits-auth", "--alias", "champion",
+                  "--tracking-uri", tracking_server.uri)
+    assert ran.returncode == 0, ran.stderr
+    bundle = load_bundle("models:/digits-auth@champion", tracking_server.uri)
+    assert bundle.run_id == o.mlflow_run_id and bundle.model(torch.zeros(1, 3, 16, 16)).shape == (1, 10)
+    ran = run_cli("export", "models:/digits-auth@champion", "--out", tmp_path / "onnx",
+                  "--tracking-uri", tracking_server.uri)
+    assert ran.returncode == 0 and (tmp_path / "onnx" / "model.onnx").is_file(), ran.stderr
+
+
+def test_train_reads_and_checkpoints_in_s3_and_resumes(s3, shards, trained, tracking_server):
     store, o = trained
     assert o.model_path == f"{RUNS}/s3run/best_model.pt" and o.checkpoint.startswith(f"{RUNS}/s3run/checkpoint_")
     assert o.val_top1 > 0.15
     assert any(k.startswith("runs/s3run/checkpoint_") and k.endswith("/state.pt") for k in s3.keys("runs/s3run/"))
-    again = train(job(store, shards, "s3run", "train.epochs=3", f"run.storage_path={RUNS}"))
+    again = train(job(store, shards, "s3run", "train.epochs=3", f"run.storage_path={RUNS}",
+                      f"tracking.uri={tracking_server.uri}"))
     assert again.resumed and again.epochs == 3 and again.mlflow_run_id == o.mlflow_run_id
 
 

@@ -1,21 +1,15 @@
 """An MLflow tracking server as a cluster runs it: `mlflow server` on 127.0.0.1 with basic-auth on, a sqlite
-backend and proxied artifacts in S3 (the clients hold no S3 credentials of their own for it). Train, export
-and register go through it here with MLFLOW_TRACKING_USERNAME/PASSWORD, and a sweep in test_sweep.py (the ASHA
-sweep)."""
+backend and proxied artifacts in S3 (the clients hold no S3 credentials of their own for it): credentials
+refused or missing, a server that cannot be reached. Train, export and register go through it with
+MLFLOW_TRACKING_USERNAME/PASSWORD in test_s3.py (the cluster's training: data and checkpoints in S3 too), and a
+sweep in test_sweep.py (the ASHA sweep)."""
 
 import base64
 import urllib.error
 import urllib.request
 
-import mlflow
-import pytest
-import torch
-
-from tests.support import tiny_job as job
 from tests.support.cli import assert_one_line_error, run_cli
 from tests.support.raycluster import free_ports
-from vitlab.deploy.bundle import load_bundle
-from vitlab.train.run import train
 
 
 def status(url: str, user: str | None = None, password: str | None = None) -> int:
@@ -55,33 +49,3 @@ def job_args(tmp_path, digits_dir, uri) -> list:
 
     return [JOB, *TINY, f"data.path={digits_dir}", f"run.storage_path={tmp_path / 'runs'}", f"tracking.uri={uri}",
             "run.name=authjob"]
-
-
-@pytest.fixture(scope="module")
-def trained(ray_session, tracking_server, digits_dir, tmp_path_factory):
-    store = tmp_path_factory.mktemp("authtrain")
-    return train(job(store, digits_dir, "through_server", "train.epochs=2", f"tracking.uri={tracking_server.uri}"))
-
-
-def test_train_logs_through_the_server_and_artifacts_land_in_the_bucket(trained, tracking_server, s3):
-    client = mlflow.MlflowClient(tracking_server.uri)
-    run = client.get_run(trained.mlflow_run_id)
-    assert run.info.status == "FINISHED" and run.info.artifact_uri.startswith("mlflow-artifacts:/")
-    assert [m.step for m in client.get_metric_history(trained.mlflow_run_id, "val_top1")] == [1, 2]
-    keys = s3.keys(f"mlflow-artifacts/{run.info.experiment_id}/")
-    names = {k.rsplit("/", 1)[1] for k in keys if f"/{trained.mlflow_run_id}/" in k}
-    assert {"config.yaml", "manifest.json", "curves.png"} <= names, names
-    model = mlflow.pytorch.load_model(f"runs:/{trained.mlflow_run_id}/model")  # MLflow 3: a logged model
-    assert any(k.endswith("/MLmodel") for k in keys) and model(torch.zeros(1, 3, 16, 16)).shape == (1, 10)
-    assert tracking_server.admin_password not in str(run.data.params) + str(run.data.tags)
-
-
-def test_register_and_export_through_the_server(trained, tracking_server, tmp_path):
-    ran = run_cli("register", trained.mlflow_run_id, "--name", "digits-auth", "--alias", "champion",
-                  "--tracking-uri", tracking_server.uri)
-    assert ran.returncode == 0, ran.stderr
-    bundle = load_bundle("models:/digits-auth@champion", tracking_server.uri)
-    assert bundle.run_id == trained.mlflow_run_id and bundle.model(torch.zeros(1, 3, 16, 16)).shape == (1, 10)
-    ran = run_cli("export", "models:/digits-auth@champion", "--out", tmp_path / "onnx",
-                  "--tracking-uri", tracking_server.uri)
-    assert ran.returncode == 0 and (tmp_path / "onnx" / "model.onnx").is_file(), ran.stderr
