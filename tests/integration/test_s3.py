@@ -89,8 +89,8 @@ def test_train_logs_through_the_server_and_artifacts_land_in_the_bucket(trained,
     client = mlflow.MlflowClient(tracking_server.uri)
     run = client.get_run(o.mlflow_run_id)
     assert run.info.status == "FINISHED" and run.info.artifact_uri.startswith("mlflow-artifacts:/")
-    steps = [m.step for m in client.get_metric_history(o.mlflow_run_id, "val_top1")]
-    assert steps == list(range(1, len(steps) + 1)) and len(steps) >= 2, steps  # 3 once the resume test ran
+    # before the resume test below takes the run on to epoch 3
+    assert [m.step for m in client.get_metric_history(o.mlflow_run_id, "val_top1")] == [1, 2]
     keys = s3.keys(f"mlflow-artifacts/{run.info.experiment_id}/")
     names = {k.rsplit("/", 1)[1] for k in keys if f"/{o.mlflow_run_id}/" in k}
     assert {"config.yaml", "manifest.json", "curves.png"} <= names, names

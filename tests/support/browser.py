@@ -51,7 +51,7 @@ def mlflow_ui(backend_store_uri: str, artifacts_root: str | None = None, timeout
            "--host", "127.0.0.1", "--port", str(port := free_ports(1)[0]), "--workers", "1"]
     cmd += ["--default-artifact-root", artifacts_root] if artifacts_root else []
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    env.update(MLFLOW_DISABLE_TELEMETRY="true", DO_NOT_TRACK="true", MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
+    env.update(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")  # no telemetry: tests/conftest.py turns it off
     with tempfile.TemporaryFile("w+") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
         base, deadline = f"http://127.0.0.1:{port}", time.monotonic() + timeout
