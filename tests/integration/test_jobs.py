@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import mlflow
+import pyarrow.parquet as pq
 import pytest
 
 from tests.support import BIN, ROOT, TINY, VITLAB, in_thread
@@ -66,14 +67,23 @@ def test_data_prepare_as_a_job(prepared):
     assert json.loads(storage.read_bytes(f"{out}/manifest.json"))["splits"]["train"]["rows"] == 1437
 
 
-@pytest.mark.timeout(600)
-def test_submit_train_succeeds_and_is_in_mlflow(head, prepared, store, s3):
+SHARED = "s3://vitlab/jobs/shared"  # the cluster's s3://BUCKET/vitlab
+
+
+@pytest.fixture(scope="module")
+def submitted(head, prepared, store):
+    """A 2-epoch training submitted as a job: its run tracked in the module's store, its run dir in S3."""
     data, _ = prepared
     uri = f"sqlite:///{store / 'mlflow.db'}"
-    shared = "s3://vitlab/jobs/shared"  # the cluster's s3://BUCKET/vitlab
-    proc = run([VITLAB, "submit", "--address", head.url, "--tracking-uri", uri, "--storage-path", shared,
+    proc = run([VITLAB, "submit", "--address", head.url, "--tracking-uri", uri, "--storage-path", SHARED,
                 "--", "train", "jobs/digits_vit.yaml", "train.epochs=2", f"data.path={data}", "run.name=submitted",
                 *TINY], head.client_env())
+    return proc, uri
+
+
+@pytest.mark.timeout(600)
+def test_submit_train_succeeds_and_is_in_mlflow(submitted, head, s3):
+    proc, uri = submitted
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-3000:]
     job_id = job_id_of(proc.stdout)
     assert f"dashboard: {head.url}/#/jobs/{job_id}" in proc.stdout
@@ -88,8 +98,37 @@ def test_submit_train_succeeds_and_is_in_mlflow(head, prepared, store, s3):
     assert steps == [1, 2]
     assert runs[0].data.params["train.epochs"] == "2"
     # relative run.storage_path ("runs") went under VITLAB_STORAGE_PATH, as on a cluster with S3
-    assert runs[0].data.tags["run_dir"] == f"{shared}/runs/submitted"
+    assert runs[0].data.tags["run_dir"] == f"{SHARED}/runs/submitted"
     assert any("/checkpoint_" in k for k in s3.keys("jobs/shared/runs/submitted/"))
+
+
+@pytest.mark.timeout(600)
+def test_submit_batch_predict_writes_the_val_split_s_predictions_to_s3(submitted, head, prepared, s3):
+    """`vitlab submit -- predict MODEL DATA --out s3://...`: Ray Data on the cluster, the Parquet in the bucket,
+    and the top-1 of the run's best model on its val split equal to that run's best val_top1."""
+    (trained, uri), (data, _) = submitted, prepared
+    assert trained.returncode == 0, trained.stdout[-3000:]
+    out = "s3://vitlab/jobs/predictions"
+    proc = run([VITLAB, "submit", "--address", head.url, "--", "predict", f"{SHARED}/runs/submitted/best_model.pt",
+                data, "--out", out, "--top-k", "3"], head.client_env())
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1].startswith(f"job {job_id_of(proc.stdout)} SUCCEEDED after ")
+    printed = re.search(r"top-1 [\d.]+ \((\d+)/360 of the val split\)", proc.stdout)
+    assert printed, proc.stdout[-3000:]
+
+    client = mlflow.MlflowClient(uri)
+    run_id = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                                filter_string="tags.mlflow.runName = 'submitted'")[0].info.run_id
+    best = max(m.value for m in client.get_metric_history(run_id, "val_top1"))
+    assert int(printed.group(1)) / 360 == best  # exactly: the same rows, decode and weights as the run's eval
+
+    marker = json.loads(storage.read_bytes(f"{out}/_vitlab_predictions.json"))
+    assert (marker["rows"], marker["predicted"], marker["correct"]) == (360, 360, int(printed.group(1)))
+    fs, root = storage.filesystem(out)
+    table = pq.read_table([f"{root}/{f}" for f in marker["files"]], filesystem=fs)
+    assert table.num_rows == 360 and len(set(table.column("key").to_pylist())) == 360
+    assert sum(table.column("correct").to_pylist()) == marker["correct"]
+    assert {f"jobs/predictions/{f}" for f in marker["files"]} <= set(s3.keys("jobs/predictions/"))
 
 
 @pytest.mark.timeout(600)
