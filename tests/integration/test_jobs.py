@@ -115,19 +115,20 @@ def test_submit_batch_predict_writes_the_val_split_s_predictions_to_s3(submitted
     assert proc.stdout.strip().splitlines()[-1].startswith(f"job {job_id_of(proc.stdout)} SUCCEEDED after ")
     printed = re.search(r"top-1 [\d.]+ \((\d+)/360 of the val split\)", proc.stdout)
     assert printed, proc.stdout[-3000:]
+    correct = int(printed.group(1))
 
     client = mlflow.MlflowClient(uri)
     run_id = client.search_runs([e.experiment_id for e in client.search_experiments()],
                                 filter_string="tags.mlflow.runName = 'submitted'")[0].info.run_id
     best = max(m.value for m in client.get_metric_history(run_id, "val_top1"))
-    assert int(printed.group(1)) / 360 == best  # exactly: the same rows, decode and weights as the run's eval
+    assert correct / 360 == best  # exactly: the same rows, decode and weights as the run's eval
 
     marker = json.loads(storage.read_bytes(f"{out}/_vitlab_predictions.json"))
-    assert (marker["rows"], marker["predicted"], marker["correct"]) == (360, 360, int(printed.group(1)))
+    assert (marker["rows"], marker["predicted"], marker["correct"]) == (360, 360, correct)
     fs, root = storage.filesystem(out)
     table = pq.read_table([f"{root}/{f}" for f in marker["files"]], filesystem=fs)
     assert table.num_rows == 360 and len(set(table.column("key").to_pylist())) == 360
-    assert sum(table.column("correct").to_pylist()) == marker["correct"]
+    assert sum(table.column("correct").to_pylist()) == correct
     assert {f"jobs/predictions/{f}" for f in marker["files"]} <= set(s3.keys("jobs/predictions/"))
 
 
