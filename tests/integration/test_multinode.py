@@ -23,6 +23,11 @@ from tests.support.raycluster import free_ports, kill_under, short_temp_dir
 from vitlab.cluster import LOOPBACK_ENV
 from vitlab.train import storage
 
+# The scenarios took 448-611 s in the suite here, and once over 720 s (the machine's load moves them by minutes):
+# the limit is for a hung cluster, not a measure. The first test's limit covers the module fixture's setup.
+SCENARIOS_LIMIT_S = 1080
+TEST_LIMIT_S = SCENARIOS_LIMIT_S + 120
+
 
 @pytest.fixture(scope="module")
 def scenarios(tmp_path_factory, s3):  # the S3 server's variables reach the scenarios' process
@@ -44,9 +49,10 @@ def scenarios(tmp_path_factory, s3):  # the S3 server's variables reach the scen
         proc = subprocess.Popen([sys.executable, "-m", "tests.support.multinode_scenarios", str(tmp)], cwd=ROOT,
                                 env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         try:
-            proc.wait(timeout=720)
+            proc.wait(timeout=SCENARIOS_LIMIT_S)
         except subprocess.TimeoutExpired:
-            pass
+            out.write(f"\nscenarios: stopped at their {SCENARIOS_LIMIT_S} s limit\n")
+            out.flush()
         finally:
             kill_under(temp_dir, {proc.pid})  # the child's Ray nodes, whatever state it ended in
             proc.wait(timeout=30)
@@ -69,14 +75,14 @@ def _get(scenarios, name):
     return r
 
 
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(TEST_LIMIT_S)
 def test_cluster_has_three_nodes_and_token_auth(scenarios):
     r = _get(scenarios, "cluster")
     assert r["nodes"] == 3 and r["cpus"] == 4  # the head has no CPUs
     assert r["job_api_without_token"] == 401
 
 
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(TEST_LIMIT_S)
 def test_two_workers_one_per_node(scenarios):
     r = _get(scenarios, "spread")  # node_loss's training before the loss
     assert len(r["worker_nodes"]) == 2 and len(set(r["worker_nodes"])) == 2, r  # STRICT_SPREAD: 2 nodes
@@ -84,7 +90,7 @@ def test_two_workers_one_per_node(scenarios):
     assert r["epochs"] and r["epochs"][0] == 1, r  # the first epoch trained and logged on that group
 
 
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(TEST_LIMIT_S)
 def test_sweep_trials_run_on_different_nodes(scenarios):
     r = _get(scenarios, "sweep")
     assert r["concurrency"] == 2
@@ -94,7 +100,7 @@ def test_sweep_trials_run_on_different_nodes(scenarios):
     assert r["statuses"] == ["completed", "completed"] and r["epochs"] == [2, 2]
 
 
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(TEST_LIMIT_S)
 def test_node_loss_restores_from_checkpoint(scenarios):
     r = _get(scenarios, "node_loss")
     assert r["logged_before_loss"] and max(r["logged_before_loss"]) < r["expected_epochs"], r  # lost mid-run
@@ -113,7 +119,7 @@ def test_node_loss_restores_from_checkpoint(scenarios):
     assert "restored from latest checkpoint of this run" in text
 
 
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(TEST_LIMIT_S)
 def test_spot_preemption_checkpoints_before_the_deadline_and_is_not_a_failure(scenarios):
     r = _get(scenarios, "preemption")  # run.max_failures=0: a restart charged as a failure would end the run
     assert r["accepted"] and r["logged_before"] and r["epochs"] == list(range(1, r["expected_epochs"] + 1)), r
@@ -135,7 +141,7 @@ def test_spot_preemption_checkpoints_before_the_deadline_and_is_not_a_failure(sc
     assert "preempted: just-in-time checkpoint taken (preemption 1 of this run)" in text
 
 
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(TEST_LIMIT_S)
 def test_elastic_run_shrinks_to_one_worker_and_grows_back(scenarios):
     r = _get(scenarios, "elastic")
     assert r["logged_before"] and r["epochs"] == list(range(1, r["expected_epochs"] + 1)), r
