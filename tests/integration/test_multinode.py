@@ -23,8 +23,8 @@ from tests.support.raycluster import free_ports, kill_under, short_temp_dir
 from vitlab.cluster import LOOPBACK_ENV
 from vitlab.train import storage
 
-# The scenarios took 448-611 s in the suite here, and once over 720 s (the machine's load moves them by minutes):
-# the limit is for a hung cluster, not a measure. The first test's limit covers the module fixture's setup.
+# The scenarios took 448-801 s in the suite here (the machine's load moves them by minutes): the limit is for a
+# hung cluster, not a measure. The first test's limit covers the module fixture's setup.
 SCENARIOS_LIMIT_S = 1080
 TEST_LIMIT_S = SCENARIOS_LIMIT_S + 120
 
